@@ -1,0 +1,246 @@
+"""Typed, validated configuration: one frozen pydantic model per stage.
+
+Precedence: defaults, then the YAML file, then ``--set section.key=value`` overrides.
+Every error names the dotted path of the offending key, before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from adaptflow.errors import ConfigError
+
+FinetuneStrategy = Literal["partial", "full", "lora", "gradual", "linear_probe"]
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestConfig(Section):
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="share of images for validation")
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="share of images for the test split")
+    min_images_per_class: int = Field(5, ge=3, description="a class with fewer valid images is an error")
+    extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="larger images are quarantined")
+    split_salt: str = Field("adaptflow-split-v1", description="changing it reshuffles every split")
+    # S3 listing and download settings (used for s3:// sources and manifest rows).
+    s3_max_attempts: int = Field(8, ge=1)
+    download_workers: int = Field(8, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _splits_leave_training_data(self) -> IngestConfig:
+        if self.val_fraction + self.test_fraction >= 0.8:
+            raise ValueError("val_fraction + test_fraction must leave at least 20% for training")
+        return self
+
+
+class BackboneSpec(Section):
+    name: str = Field("resnet18", description="torchvision architecture name, see `adaptflow backbones`")
+    weights: str | None = Field(
+        None, description="torchvision weights enum member (e.g. IMAGENET1K_V1), resolved by torchvision"
+    )
+    weights_uri: str | None = Field(
+        None, description="mirror of the weights: file://, s3://, https:// or a local path"
+    )
+    sha256: str | None = Field(None, description="expected sha256 of the weights file (full or prefix)")
+    input_size: int | None = Field(None, ge=16, le=1024, description="override the weights' input size")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str | None) -> str | None:
+        if value is not None:
+            value = value.lower()
+            if len(value) < 8 or any(c not in "0123456789abcdef" for c in value):
+                raise ValueError("must be a hex sha256 digest (or a prefix of at least 8 characters)")
+        return value
+
+
+class AdvisorConfig(Section):
+    """When is fine-tuning worth its cost? Each signal is measured and recorded."""
+
+    target_accuracy: float = Field(0.97, ge=0.0, le=1.0, description="baseline val accuracy that is enough")
+    min_images_per_class: int = Field(20, ge=1, description="fewer training images per class: keep baseline")
+    budget_seconds: float = Field(900.0, gt=0, description="estimated fine-tuning time must fit")
+    force: bool | None = Field(None, description="true/false overrides the decision (recorded as such)")
+
+
+class BaselineConfig(Section):
+    epochs: int = Field(200, ge=1)
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(256, ge=1)
+    patience: int = Field(20, ge=1, description="epochs without val improvement before stopping")
+    feature_batch_size: int = Field(128, ge=1)
+    feature_cache_dir: str | None = Field(
+        None, description="where backbone features are cached; default <workdir>/cache/features"
+    )
+    advisor: AdvisorConfig = AdvisorConfig()
+
+
+class FinetuneConfig(Section):
+    strategy: FinetuneStrategy = "full"
+    unfreeze_blocks: int = Field(2, ge=1, description="partial: how many of the last blocks train")
+    epochs: int = Field(12, ge=1)
+    lr: float = Field(3e-3, gt=0, description="learning rate of the head")
+    layer_decay: float = Field(0.5, gt=0, le=1, description="each earlier block's lr is multiplied by this")
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(64, ge=1)
+    patience: int = Field(4, ge=1)
+    freeze_bn: bool = Field(True, description="keep BatchNorm running statistics frozen (small data)")
+    augment: bool = True
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    gradual_epochs_per_block: int = Field(2, ge=1)
+    num_workers: int = Field(0, ge=0)
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    amp: bool = Field(True, description="bf16 autocast on CUDA")
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+
+
+class EvaluateConfig(Section):
+    finetune_margin: float = Field(
+        0.01, ge=0, description="fine-tuning must beat transfer learning by this much test accuracy to win"
+    )
+    batch_size: int = Field(256, ge=1)
+    bootstrap_samples: int = Field(1000, ge=100)
+
+
+class ExportConfig(Section):
+    opset: int = Field(18, ge=13)
+    parity_batch_sizes: tuple[int, ...] = (1, 3, 7)
+    tolerance: float = Field(1e-4, gt=0, description="max |onnxruntime - torch| over logits")
+    latency_runs: int = Field(30, ge=1)
+
+
+class GateConfig(Section):
+    min_accuracy: float = Field(0.8, ge=0, le=1, description="absolute floor on test accuracy")
+    min_delta: float = Field(0.005, ge=0, description="must beat the champion's fresh score by this much")
+    max_latency_ms: float = Field(250.0, gt=0, description="ONNX batch-1 p50 latency budget")
+    require_significance: bool = False
+    alpha: float = Field(0.05, gt=0, lt=1)
+
+
+class RegistryConfig(Section):
+    model_name: str = Field("adaptflow-digits", min_length=1)
+    lease_ttl_seconds: float = Field(120.0, gt=0)
+    lease_wait_seconds: float = Field(300.0, gt=0)
+
+
+class TrackingConfig(Section):
+    experiment: str = Field("adaptflow", min_length=1)
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else embedded SQLite"
+    )
+
+
+class Settings(Section):
+    seed: int = 0
+    workdir: str = Field(".adaptflow", description="local state: embedded MLflow, caches, demo data")
+    ingest: IngestConfig = IngestConfig()
+    backbone: BackboneSpec = BackboneSpec()
+    baseline: BaselineConfig = BaselineConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
+    gate: GateConfig = GateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes what a run computes (workdir and tracking excluded)."""
+        data = self.model_dump(mode="json")
+        for key in ("workdir", "tracking"):
+            data.pop(key, None)
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @classmethod
+    def from_json(cls, text: str) -> Settings:
+        return _validate(json.loads(text), source="config JSON")
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "<root>"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {path}: {message}")
+    return "\n".join(lines)
+
+
+def _validate(data: dict[str, Any], source: str) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(
+            _format_validation_error(error, source),
+            hint="fix the key named above; `adaptflow config show` prints every key with its default",
+        ) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``baseline.advisor.target_accuracy=0.9`` -> (["baseline", "advisor", "target_accuracy"], 0.9)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {error}") from None
+    return [part for part in key.strip().split(".")], value
+
+
+def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for depth, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(path[: depth + 1])
+            raise ConfigError(f"override {'.'.join(path)}: {where} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_settings(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Settings:
+    """Defaults, then the YAML file, then overrides; validated once, errors name the key path."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {file} does not exist", hint="pass an existing YAML file to --config")
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {file} is not valid YAML: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {file} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+        source = str(file)
+    for override in overrides:
+        keys, value = parse_override(override)
+        _apply_override(data, keys, value)
+    if overrides:
+        source += " + --set overrides"
+    return _validate(data, source)
+
+
+def dump_settings(settings: Settings) -> str:
+    """The resolved config as YAML, written next to the outputs and logged to MLflow."""
+    return yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)

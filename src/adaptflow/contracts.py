@@ -1,0 +1,228 @@
+"""Typed results that flow between stages (DESIGN.md, "The stages and what flows between them").
+
+Each result is a frozen pydantic model that a stage writes as JSON into the folder it is given,
+so the same files work as KFP artifacts on a cluster and as plain folders on a laptop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adaptflow.config import BackboneSpec
+
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
+
+
+class Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: file name inside the stage's output folder
+    FILE: ClassVar[str] = "result.json"
+
+    def save(self, folder: str | Path) -> Path:
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / self.FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.model_dump_json(indent=2))
+        tmp.replace(path)  # atomic: a crash never leaves half a contract behind
+        return path
+
+    @classmethod
+    def load(cls: type[C], folder: str | Path) -> C:
+        return cls.model_validate_json((Path(folder) / cls.FILE).read_text())
+
+
+C = TypeVar("C", bound=Contract)
+
+
+class Preprocessing(BaseModel):
+    """How an image becomes a tensor. Travels with weights, MLflow models and ONNX metadata."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+
+
+class ManifestEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str
+    sha256: str
+    label: str
+    split: Split
+    width: int
+    height: int
+    etag: str | None = None
+
+
+class QuarantineEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str
+    reason: str
+
+
+class Snapshot(Contract):
+    """What ingest produced: an immutable, fingerprinted view of the dataset."""
+
+    FILE: ClassVar[str] = "snapshot.json"
+
+    source_uri: str
+    class_names: tuple[str, ...]
+    entries: tuple[ManifestEntry, ...]
+    quarantined: tuple[QuarantineEntry, ...] = ()
+    fingerprint: str
+    counts: dict[str, int]
+    class_counts: dict[str, dict[str, int]] = Field(description="split -> class -> count")
+
+    def split(self, name: Split) -> list[ManifestEntry]:
+        return [e for e in self.entries if e.split == name]
+
+
+class CostFigures(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    wall_seconds: float
+    trainable_params: int
+    total_params: int
+    train_images_per_second: float | None = None
+    peak_memory_mb: float | None = None
+    epochs_run: int = 0
+    backbone_forward_images: int = Field(0, description="images pushed through the backbone by this stage")
+    device: str = "cpu"
+
+
+class EpochRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+
+class Candidate(Contract):
+    """A trained model: weights in ``model.safetensors`` beside this file, plus everything to use it."""
+
+    FILE: ClassVar[str] = "candidate.json"
+    WEIGHTS: ClassVar[str] = "model.safetensors"
+
+    name: str
+    strategy: str
+    backbone: BackboneSpec
+    backbone_sha256: str
+    class_names: tuple[str, ...]
+    preprocessing: Preprocessing
+    metrics: dict[str, float]
+    cost: CostFigures
+    history: tuple[EpochRecord, ...] = ()
+    extra: dict[str, str] = Field(default_factory=dict, description="strategy-specific facts")
+
+
+class FinetuneDecision(BaseModel):
+    """The advisor's verdict, with the signals it measured."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    should_finetune: bool
+    strategy: str
+    reason: str
+    signals: dict[str, float | int | str | None]
+
+
+class BaselineResult(Contract):
+    FILE: ClassVar[str] = "baseline.json"
+
+    candidate: Candidate
+    decision: FinetuneDecision
+
+
+class ModelScore(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    kind: Literal["candidate", "champion"]
+    version: str | None = None
+    accuracy: float
+    accuracy_ci95: tuple[float, float]
+    macro_f1: float
+    per_class_precision: dict[str, float]
+    per_class_recall: dict[str, float]
+    confusion_matrix: list[list[int]]
+    n: int
+
+
+class ChampionRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: str
+    version: str
+    run_id: str | None = None
+    uri: str
+
+
+class Evaluation(Contract):
+    FILE: ClassVar[str] = "evaluation.json"
+
+    scores: tuple[ModelScore, ...]
+    winner: str
+    winner_reason: str
+    champion: ChampionRef | None = None
+    champion_note: str | None = Field(None, description="why no champion was scored, if none was")
+    mcnemar_p_value: float | None = Field(None, description="winner vs champion, exact McNemar test")
+    test_size: int
+    fingerprint: str
+
+    def score(self, name: str) -> ModelScore:
+        for s in self.scores:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def champion_score(self) -> ModelScore | None:
+        return next((s for s in self.scores if s.kind == "champion"), None)
+
+
+class ExportResult(Contract):
+    FILE: ClassVar[str] = "export.json"
+    ONNX: ClassVar[str] = "model.onnx"
+
+    candidate: str
+    max_abs_diff: float
+    parity: dict[str, float] = Field(description="batch size -> max |ort - torch|")
+    tolerance: float
+    passed: bool
+    latency_ms_p50: float
+    latency_ms_p95: float
+    opset: int
+    size_bytes: int
+
+
+class GateDecision(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    promote: bool
+    reasons: tuple[str, ...]
+
+
+class Registration(Contract):
+    FILE: ClassVar[str] = "registration.json"
+
+    model_name: str
+    version: str
+    model_uri: str
+    champion_before: str | None
+    champion_after: str | None
+    promoted: bool
+    gate: GateDecision
