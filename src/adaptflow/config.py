@@ -90,7 +90,7 @@ class FinetuneConfig(Section):
     strategy: FinetuneStrategy = "full"
     unfreeze_blocks: int = Field(2, ge=1, description="partial: how many of the last blocks train")
     epochs: int = Field(12, ge=1)
-    lr: float = Field(3e-3, gt=0, description="learning rate of the head")
+    lr: float = Field(1e-3, gt=0, description="learning rate of the head")
     layer_decay: float = Field(0.5, gt=0, le=1, description="each earlier block's lr is multiplied by this")
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(64, ge=1)

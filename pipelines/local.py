@@ -1,0 +1,93 @@
+"""Running the DAG on one machine through ``kfp.local`` (SubprocessRunner, no venv, no pip)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+from adaptflow.config import Settings
+from adaptflow.errors import AdaptflowError
+from adaptflow.steps import SUMMARY_FILE
+from adaptflow.tracking import finish_pipeline_run, start_pipeline_run
+
+log = logging.getLogger(__name__)
+
+
+def patch_kfp_local_oneof_artifacts() -> None:
+    """kfp 2.17's local orchestrator resolves ``dsl.OneOf`` for parameters but not for artifacts.
+
+    This mirrors its parameter logic for artifact selectors: take the one branch that produced
+    an output. It only touches the local orchestrator; compiled IR and clusters are unaffected.
+    """
+    from kfp.local.orchestrator import orchestrator_utils as ou
+
+    if getattr(ou.OrchestratorUtils, "_adaptflow_oneof_patch", False):
+        return
+
+    def get_dag_output_artifacts(cls: Any, dag_outputs_spec: Any, io_store: Any) -> dict[str, Any]:
+        outputs: dict[str, Any] = {}
+        for key, spec in dag_outputs_spec.artifacts.items():
+            found = []
+            for selector in spec.artifact_selectors:
+                try:
+                    found.append(io_store.get_task_output(selector.producer_subtask, selector.output_artifact_key))
+                except (KeyError, ValueError):
+                    continue  # that branch did not run
+            if len(found) != 1:
+                raise ValueError(f"dsl.OneOf output {key!r}: expected one produced artifact, got {len(found)}")
+            outputs[key] = found[0]
+        return outputs
+
+    ou.OrchestratorUtils.get_dag_output_artifacts = classmethod(get_dag_output_artifacts)
+    ou.OrchestratorUtils._adaptflow_oneof_patch = True
+
+
+class PipelineFailed(AdaptflowError):
+    exit_code = 1
+
+
+def run_local(settings: Settings, data_uri: str) -> dict[str, Any]:
+    """Runs the compiled DAG locally and returns the run summary."""
+    from kfp import local
+
+    from adaptflow.pipelines.pipeline import PIPELINE_NAME, build_pipeline
+
+    patch_kfp_local_oneof_artifacts()
+    workdir = Path(settings.workdir).resolve()
+    run_id = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    root = workdir / "kfp-local"
+    error_file = workdir / "runs" / run_id / "error.json"
+    error_file.parent.mkdir(parents=True, exist_ok=True)
+    # Facts a KFP pod would know; components inherit the environment under kfp.local.
+    os.environ.update({
+        "ADAPTFLOW_KFP_RUN_ID": run_id,
+        "ADAPTFLOW_KFP_PIPELINE_NAME": PIPELINE_NAME,
+        "ADAPTFLOW_KFP_PIPELINE_VERSION": "local",
+        "ADAPTFLOW_ERROR_FILE": str(error_file),
+    })
+    ctx = start_pipeline_run(settings, f"adaptflow {run_id}", {"adaptflow.data_uri": data_uri, "adaptflow.config_hash": settings.config_hash(), "kfp.run_id": run_id})
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    pipeline = build_pipeline(settings)
+    started = time.perf_counter()
+    try:
+        # kfp.local prints task logs on stdout; keep stdout for the summary (--json).
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            task = pipeline(data_uri=data_uri, config_json=settings.to_json(), parent_run_id=ctx.parent_run_id)
+    except Exception as error:
+        finish_pipeline_run(ctx, "FAILED")
+        if error_file.exists():
+            info = json.loads(error_file.read_text())
+            raise PipelineFailed(f"stage {info['stage']} failed: {info['message']}", hint=info.get("hint")) from None
+        raise PipelineFailed(f"pipeline failed: {error}", hint="the stage's log is printed above") from None
+    summary: dict[str, Any] = json.loads((Path(task.output.path) / SUMMARY_FILE).read_text())
+    summary["kfp"] = {"run_id": run_id, "pipeline_root": str(root), "wall_seconds": round(time.perf_counter() - started, 2)}
+    return summary

@@ -1,0 +1,174 @@
+"""The evaluate stage: every candidate and the current champion, scored on the same test split.
+
+Metrics come from scikit-learn; accuracy gets a bootstrap 95% interval, and the winner is
+compared with the champion by McNemar's exact test on the very same images. Fine-tuning wins
+over transfer learning only when it is better by ``finetune_margin`` (it costs more to train,
+serve-side risk of overfitting included): the seed's advice is transfer unless fine-tuning pays.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adaptflow.config import EvaluateConfig
+from adaptflow.contracts import Candidate, ChampionRef, Evaluation, ManifestEntry, ModelScore, Snapshot
+from adaptflow.data.images import ImageStore, eval_transform
+from adaptflow.onnx_model import OnnxClassifier
+from adaptflow.training.candidates import load_candidate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChampionModel:
+    ref: ChampionRef
+    model: OnnxClassifier
+
+
+def predict_candidate(folder: Path, entries: list[ManifestEntry], store: ImageStore, batch: int) -> np.ndarray:
+    candidate, model = load_candidate(folder)
+    transform = eval_transform(candidate.preprocessing)
+    preds: list[np.ndarray] = []
+    with torch.inference_mode():
+        for i in range(0, len(entries), batch):
+            x = torch.stack([transform(store.image(e)) for e in entries[i : i + batch]])
+            preds.append(model(x).argmax(1).numpy())
+    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
+
+def predict_onnx(model: OnnxClassifier, entries: list[ManifestEntry], store: ImageStore, batch: int) -> np.ndarray:
+    transform = eval_transform(model.preprocessing)
+    preds = [
+        model.logits(torch.stack([transform(store.image(e)) for e in entries[i : i + batch]]).numpy()).argmax(1)
+        for i in range(0, len(entries), batch)
+    ]
+    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
+
+def bootstrap_ci(correct: np.ndarray, samples: int, seed: int = 0) -> tuple[float, float]:
+    if len(correct) == 0:
+        return (0.0, 0.0)
+    rng = np.random.default_rng(seed)
+    means = correct[rng.integers(0, len(correct), size=(samples, len(correct)))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
+
+
+def score(
+    name: str, kind: str, y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...], cfg: EvaluateConfig,
+    version: str | None = None,
+) -> ModelScore:
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    labels = list(range(len(classes)))
+    precision, recall, _, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    return ModelScore(
+        name=name,
+        kind=kind,  # type: ignore[arg-type]
+        version=version,
+        accuracy=float(accuracy_score(y_true, y_pred)),
+        accuracy_ci95=bootstrap_ci((y_true == y_pred).astype(np.float64), cfg.bootstrap_samples),
+        macro_f1=float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        per_class_precision={c: float(p) for c, p in zip(classes, precision, strict=True)},
+        per_class_recall={c: float(r) for c, r in zip(classes, recall, strict=True)},
+        confusion_matrix=confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        n=len(y_true),
+    )
+
+
+def mcnemar_exact(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> float:
+    """Two-sided exact McNemar p-value: are A and B's error rates on the same images different?"""
+    from scipy.stats import binomtest
+
+    a_right, b_right = pred_a == y_true, pred_b == y_true
+    only_a, only_b = int(np.sum(a_right & ~b_right)), int(np.sum(~a_right & b_right))
+    if only_a + only_b == 0:
+        return 1.0
+    return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def choose_winner(baseline: ModelScore, others: list[ModelScore], margin: float) -> tuple[str, str]:
+    best = max(others, key=lambda s: s.accuracy, default=None)
+    if best is None:
+        return baseline.name, "only the transfer-learning baseline was trained"
+    gain = best.accuracy - baseline.accuracy
+    if gain >= margin:
+        return best.name, (
+            f"{best.name} beats the transfer-learning baseline by {gain:+.4f} test accuracy "
+            f"({best.accuracy:.4f} vs {baseline.accuracy:.4f}), at least the finetune_margin {margin:.4f}"
+        )
+    return baseline.name, (
+        f"transfer learning kept: {best.name} is {gain:+.4f} vs the baseline ({best.accuracy:.4f} vs "
+        f"{baseline.accuracy:.4f}), less than the finetune_margin {margin:.4f} that would pay for fine-tuning"
+    )
+
+
+def evaluate(
+    snapshot: Snapshot,
+    candidate_dirs: list[Path],
+    champion: ChampionModel | None,
+    cfg: EvaluateConfig,
+    store: ImageStore | None = None,
+    champion_note: str | None = None,
+) -> tuple[Evaluation, dict[str, np.ndarray]]:
+    """Scores; returns the evaluation and each model's test predictions (for plots and tests)."""
+    store = store or ImageStore()
+    test = snapshot.split("test")
+    classes = snapshot.class_names
+    index = {c: i for i, c in enumerate(classes)}
+    y_true = np.array([index[e.label] for e in test], dtype=np.int64)
+    scores: list[ModelScore] = []
+    predictions: dict[str, np.ndarray] = {}
+    seen: set[str] = set()
+    for folder in candidate_dirs:
+        candidate = Candidate.load(folder)
+        if candidate.name in seen:
+            continue  # the Else branch re-emits the baseline; score it once
+        seen.add(candidate.name)
+        if tuple(candidate.class_names) != classes:
+            raise ValueError(f"candidate {candidate.name} was trained on other classes than this snapshot")
+        predictions[candidate.name] = predict_candidate(folder, test, store, cfg.batch_size)
+        scores.append(score(candidate.name, "candidate", y_true, predictions[candidate.name], classes, cfg))
+
+    baseline = next(s for s in scores if s.name == "baseline")
+    winner, reason = choose_winner(baseline, [s for s in scores if s.name != "baseline"], cfg.finetune_margin)
+
+    p_value: float | None = None
+    champion_ref: ChampionRef | None = None
+    if champion is not None:
+        if set(champion.model.class_names) != set(classes):
+            champion_note = (
+                f"champion v{champion.ref.version} predicts classes {list(champion.model.class_names)}, "
+                f"this data has {list(classes)}: not comparable, so the absolute thresholds decide"
+            )
+        else:
+            champion_ref = champion.ref
+            raw = predict_onnx(champion.model, test, store, cfg.batch_size)
+            # map the champion's class order onto this snapshot's
+            remap = np.array([index[c] for c in champion.model.class_names])
+            predictions["champion"] = remap[raw] if len(raw) else raw
+            scores.append(
+                score("champion", "champion", y_true, predictions["champion"], classes, cfg, champion.ref.version)
+            )
+            p_value = mcnemar_exact(y_true, predictions[winner], predictions["champion"])
+    for s in scores:
+        log.info("evaluate: %-16s accuracy %.4f [%.4f, %.4f] macro-F1 %.4f", s.name, s.accuracy, *s.accuracy_ci95, s.macro_f1)
+    log.info("evaluate: winner %s: %s", winner, reason)
+    evaluation = Evaluation(
+        scores=tuple(scores),
+        winner=winner,
+        winner_reason=reason,
+        champion=champion_ref,
+        champion_note=champion_note,
+        mcnemar_p_value=p_value,
+        test_size=len(test),
+        fingerprint=snapshot.fingerprint,
+    )
+    return evaluation, predictions

@@ -1,0 +1,206 @@
+"""Resolving backbone weights: torchvision's enum, or a mirror over file://, s3:// or http(s)://.
+
+Air-gapped clusters mirror torchvision's files (``resnet50-11ad3fa6.pth``). The expected sha256
+comes from ``backbone.sha256`` or, as in torchvision, from the hash prefix in the file name.
+Weights are verified before they are cached; a mismatch is an error and nothing is cached.
+Loading never unpickles: ``torch.load(weights_only=True)`` or safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptflow.config import BackboneSpec
+from adaptflow.contracts import Preprocessing
+from adaptflow.errors import WeightsError
+from adaptflow.models.factory import backbone_def
+from adaptflow.storage import download_to, sha256_file
+
+log = logging.getLogger(__name__)
+
+# torchvision.hub: "-<hex>." in the file name is a prefix of the file's sha256.
+HASH_PREFIX = re.compile(r"-([a-f0-9]{8,64})\.")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+META_KEY = "adaptflow"
+
+
+@dataclass
+class ResolvedWeights:
+    state_dict: dict[str, torch.Tensor] | None
+    sha256: str
+    source: str
+    preprocessing: Preprocessing
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _filename(uri: str) -> str:
+    return Path(urllib.parse.urlparse(uri).path).name or "weights.bin"
+
+
+def expected_hash(spec: BackboneSpec, uri: str) -> str | None:
+    if spec.sha256:
+        return spec.sha256
+    match = HASH_PREFIX.search(_filename(uri))
+    return match.group(1) if match else None
+
+
+def _enum_weights(spec: BackboneSpec) -> Any:
+    import torchvision
+
+    if not spec.weights:
+        return None
+    try:
+        enum = torchvision.models.get_model_weights(spec.name)
+    except (ValueError, KeyError):
+        raise WeightsError(f"torchvision has no weights enum for {spec.name!r}") from None
+    name = spec.weights.split(".")[-1]
+    if name == "DEFAULT":
+        return enum.DEFAULT
+    try:
+        return enum[name]
+    except KeyError:
+        raise WeightsError(
+            f"{spec.name} has no weights {spec.weights!r}",
+            hint=f"valid: {', '.join(m.name for m in enum)}",
+        ) from None
+
+
+def _enum_preprocessing(weights: Any) -> Preprocessing:
+    t = weights.transforms()
+    crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else int(t.crop_size)
+    resize = t.resize_size[0] if isinstance(t.resize_size, (list, tuple)) else int(t.resize_size)
+    interpolation = str(getattr(t.interpolation, "value", "bilinear"))
+    return Preprocessing(
+        input_size=int(crop),
+        resize_size=int(resize),
+        mean=tuple(float(x) for x in t.mean),  # type: ignore[arg-type]
+        std=tuple(float(x) for x in t.std),  # type: ignore[arg-type]
+        interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear",  # type: ignore[arg-type]
+    )
+
+
+def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """State dict + adaptflow metadata from a .safetensors or a torch (.pth/.pt) weights file."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        meta = json.loads(header[META_KEY]) if META_KEY in header else {}
+        return load_file(str(path)), meta
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsError(
+            f"cannot load {path.name} safely: {error}",
+            hint="weights must be a plain state dict (.pth) or safetensors; pickled objects are refused",
+        ) from None
+    if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise WeightsError(f"{path.name} does not hold a state dict")
+    return loaded, {}
+
+
+def fetch_verified(uri: str, expected: str | None, cache_dir: Path) -> tuple[Path, str]:
+    """Downloads ``uri`` into ``cache_dir`` only if its sha256 matches ``expected`` (full or prefix)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    name = _filename(uri)
+    if expected:
+        # verified files are cached under their hash; a hit skips the download entirely
+        for hit in cache_dir.glob(f"*--{name}"):
+            if hit.name.split("--", 1)[0].startswith(expected):
+                return hit, hit.name.split("--", 1)[0]
+    fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=".partial-")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        download_to(uri, tmp)
+        digest = sha256_file(tmp)
+        if expected and not digest.startswith(expected):
+            raise WeightsError(
+                f"sha256 mismatch for {uri}: expected {expected}..., got {digest}",
+                hint="the mirror holds a different file than the one pinned; re-mirror it or fix backbone.sha256",
+            )
+        if not expected:
+            log.warning("weights %s have no pinned sha256 (set backbone.sha256); recorded %s", uri, digest)
+        final = cache_dir / f"{digest}--{name}"
+        tmp.replace(final)
+        return final, digest
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def resolve_weights(spec: BackboneSpec, cache_dir: str | Path) -> ResolvedWeights:
+    """Weights (or none, for random init) with their sha256 and the preprocessing they expect."""
+    backbone_def(spec.name)  # unknown names fail here, listing the valid ones
+    enum = _enum_weights(spec)
+    uri = spec.weights_uri or (enum.url if enum is not None else None)
+    if uri is None:
+        pre = default_preprocessing(spec)
+        return ResolvedWeights(None, "random-init", "random", pre)
+    cache = Path(cache_dir)
+    if enum is not None and spec.weights_uri is None:
+        # The real path: torchvision downloads (or finds in TORCH_HOME) and checks the hash prefix itself.
+        state = enum.get_state_dict(progress=False, check_hash=True)
+        path = Path(torch.hub.get_dir()) / "checkpoints" / _filename(enum.url)
+        digest = sha256_file(path) if path.exists() else HASH_PREFIX.search(_filename(enum.url)).group(1)  # type: ignore[union-attr]
+        return ResolvedWeights(state, digest, enum.url, _override(_enum_preprocessing(enum), spec))
+    path, digest = fetch_verified(uri, expected_hash(spec, uri), cache)
+    state, meta = read_weights_file(path)
+    if "preprocessing" in meta:
+        pre = Preprocessing.model_validate(meta["preprocessing"])
+    elif enum is not None:
+        pre = _enum_preprocessing(enum)
+    else:
+        pre = default_preprocessing(spec)
+    arch = meta.get("architecture")
+    if arch and arch != spec.name:
+        raise WeightsError(
+            f"weights {_filename(uri)} were trained for {arch}, but backbone.name is {spec.name}",
+            hint=f"set backbone.name={arch}",
+        )
+    return ResolvedWeights(state, digest, uri, _override(pre, spec), meta)
+
+
+def default_preprocessing(spec: BackboneSpec) -> Preprocessing:
+    size = spec.input_size or 224
+    return Preprocessing(
+        input_size=size, resize_size=round(size * 256 / 224), mean=IMAGENET_MEAN, std=IMAGENET_STD
+    )
+
+
+def _override(pre: Preprocessing, spec: BackboneSpec) -> Preprocessing:
+    if spec.input_size is None or spec.input_size == pre.input_size:
+        return pre
+    ratio = pre.resize_size / pre.input_size
+    return pre.model_copy(update={"input_size": spec.input_size, "resize_size": round(spec.input_size * ratio)})
+
+
+def save_weights_file(
+    state: dict[str, torch.Tensor], path: Path, meta: dict[str, Any]
+) -> str:
+    """Writes a safetensors (metadata in the header) or .pth state dict; returns its sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(contiguous, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    else:
+        torch.save(contiguous, tmp)
+    tmp.replace(path)
+    return sha256_file(path)

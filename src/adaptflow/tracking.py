@@ -1,0 +1,184 @@
+"""MLflow: where to track, one parent run per pipeline run, one nested run per stage.
+
+The embedded default is SQLite plus a local artifact folder under the workdir; MLFLOW_TRACKING_URI
+(or ``tracking.tracking_uri``) points elsewhere. KFP's MLflow plugin injects MLFLOW_TRACKING_URI,
+MLFLOW_EXPERIMENT_ID and MLFLOW_RUN_ID: when set, they are honoured and stage runs nest under
+the injected run. All environment reads happen in functions, never at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adaptflow.config import Settings
+from adaptflow.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+TAG_PREFIX = "adaptflow."
+
+
+def embedded_tracking_uri(workdir: str | Path) -> str:
+    return f"sqlite:///{(Path(workdir).resolve() / 'mlflow.db')}"
+
+
+def resolve_tracking_uri(settings: Settings, env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    return settings.tracking.tracking_uri or env.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri(settings.workdir)
+
+
+def check_tracking_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fails fast, with a hint, when the tracking store cannot be used."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:  # noqa: S310
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as error:
+            raise StoreError(
+                f"MLflow tracking server {uri} is unreachable: {getattr(error, 'reason', error)}",
+                hint="start it (make stack-up), fix MLFLOW_TRACKING_URI, or unset it to use the embedded store",
+            ) from None
+        raise StoreError(f"MLflow tracking server {uri} is not healthy")
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"cannot create the embedded MLflow store in {folder}: {error}") from None
+        if not os.access(folder, os.W_OK):
+            raise StoreError(f"the embedded MLflow store folder {folder} is not writable")
+
+
+def ensure_experiment(tracking_uri: str, name: str, workdir: str | Path) -> str:
+    """The experiment id; for embedded stores, artifacts go under the workdir, not ./mlruns."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    location = None
+    if tracking_uri.startswith("sqlite:"):
+        location = (Path(workdir).resolve() / "mlartifacts").as_uri()
+    try:
+        return str(client.create_experiment(name, artifact_location=location))
+    except Exception:  # another process created it first
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return str(experiment.experiment_id)
+
+
+@dataclass(frozen=True)
+class TrackingContext:
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def git_commit() -> str:
+    """The source commit: baked into images as ADAPTFLOW_GIT_COMMIT, else asked of git."""
+    baked = os.environ.get("ADAPTFLOW_GIT_COMMIT")
+    if baked:
+        return baked
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def kfp_lineage(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """KFP run facts available to a task pod (and set by our local runner)."""
+    env = os.environ if env is None else env
+    keys = {
+        "ADAPTFLOW_KFP_RUN_ID": "kfp.run_id",
+        "ADAPTFLOW_KFP_PIPELINE_NAME": "kfp.pipeline_name",
+        "ADAPTFLOW_KFP_PIPELINE_VERSION": "kfp.pipeline_version",
+    }
+    return {tag: env[var] for var, tag in keys.items() if env.get(var)}
+
+
+def start_pipeline_run(
+    settings: Settings, run_name: str, tags: dict[str, str], env: Mapping[str, str] | None = None
+) -> TrackingContext:
+    """Resolves the parent run: KFP's injected MLFLOW_RUN_ID if present, else a new one."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    env = os.environ if env is None else env
+    uri = resolve_tracking_uri(settings, env)
+    check_tracking_reachable(uri)
+    injected_run = env.get("MLFLOW_RUN_ID")
+    experiment_id = env.get("MLFLOW_EXPERIMENT_ID") or ensure_experiment(
+        uri, settings.tracking.experiment, settings.workdir
+    )
+    client = MlflowClient(uri)
+    if injected_run:
+        run_id = injected_run
+        log.info("tracking: nesting under the injected MLflow run %s", run_id)
+    else:
+        run = client.create_run(experiment_id, run_name=run_name, tags={"mlflow.source.git.commit": git_commit()})
+        run_id = run.info.run_id
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    mlflow.set_tracking_uri(uri)
+    return TrackingContext(uri, experiment_id, run_id)
+
+
+@contextmanager
+def stage_run(ctx: TrackingContext, stage: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """A nested MLflow run for one stage; a failure marks it FAILED and re-raises."""
+    import mlflow
+
+    mlflow.set_tracking_uri(ctx.tracking_uri)
+    all_tags = {f"{TAG_PREFIX}stage": stage, **kfp_lineage(), **(tags or {})}
+    with mlflow.start_run(
+        experiment_id=ctx.experiment_id, run_name=stage, parent_run_id=ctx.parent_run_id, tags=all_tags
+    ) as run:
+        yield run
+
+
+def finish_pipeline_run(ctx: TrackingContext, status: str = "FINISHED") -> None:
+    from mlflow.tracking import MlflowClient
+
+    if os.environ.get("MLFLOW_RUN_ID") == ctx.parent_run_id:
+        return  # KFP owns an injected run's lifecycle
+    MlflowClient(ctx.tracking_uri).set_terminated(ctx.parent_run_id, status=status)
+
+
+def flat_params(prefix: str, data: Mapping[str, Any]) -> dict[str, str]:
+    """Nested config -> ``section.key`` params (MLflow params are flat strings)."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flat_params(name, value))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+def stage_timings(tracking_uri: str, parent_run_id: str) -> dict[str, float]:
+    """Wall seconds of each stage's nested run, in start order."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=100
+    )
+    timed = sorted((r.info.start_time, r.info.run_name, r.info.end_time) for r in runs if r.info.end_time)
+    return {name: round((end - start) / 1000.0, 2) for start, name, end in timed}

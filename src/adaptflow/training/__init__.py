@@ -1,0 +1,1 @@
+"""Training: source pretraining, the frozen-backbone baseline, fine-tuning strategies, the advisor."""

@@ -1,0 +1,172 @@
+"""The baseline stage: transfer learning with a frozen backbone and a new linear head.
+
+Backbone features are computed once per image (cached on disk), the head trains on them in
+seconds, and the advisor decides from measured signals whether fine-tuning is worth it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from adaptflow.config import BackboneSpec, BaselineConfig, FinetuneConfig
+from adaptflow.contracts import BaselineResult, Candidate, CostFigures, Snapshot
+from adaptflow.data.images import ImageStore, train_transform
+from adaptflow.models.factory import build_model, count_parameters
+from adaptflow.models.weights import ResolvedWeights
+from adaptflow.training.advisor import SignalValue, advise
+from adaptflow.training.candidates import save_candidate
+from adaptflow.training.features import FeatureCache, cache_namespace, extract_features
+from adaptflow.training.loop import fit
+from adaptflow.training.runtime import peak_memory_mb, pick_device, reset_peak_memory, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BaselineInputs:
+    snapshot: Snapshot
+    spec: BackboneSpec
+    weights: ResolvedWeights
+    cfg: BaselineConfig
+    finetune: FinetuneConfig
+    feature_cache_dir: Path
+    seed: int = 0
+
+
+def _labels(entries: list, class_names: tuple[str, ...]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(class_names)}
+    return np.array([index[e.label] for e in entries], dtype=np.int64)
+
+
+def domain_shift(features: np.ndarray, meta: dict[str, object]) -> float | None:
+    """Mean |standardized difference| between target and source feature means (None without source stats)."""
+    mean, std = meta.get("feature_mean"), meta.get("feature_std")
+    if not isinstance(mean, list) or not isinstance(std, list) or len(mean) != features.shape[1]:
+        return None
+    mu_s, sd_s = np.asarray(mean), np.asarray(std)
+    return float(np.mean(np.abs(features.mean(0) - mu_s) / (sd_s + 1e-3)))
+
+
+def measure_train_throughput(
+    model: nn.Module, snapshot: Snapshot, inputs: BaselineInputs, store: ImageStore, device: torch.device
+) -> float:
+    """Images/s of one full forward+backward step, the unit of fine-tuning cost."""
+    pre = inputs.weights.preprocessing
+    entries = snapshot.split("train")[: min(32, inputs.finetune.batch_size)]
+    transform = train_transform(pre)
+    x = torch.stack([transform(store.image(e)) for e in entries]).to(device)
+    y = torch.as_tensor(_labels(entries, snapshot.class_names), device=device)
+    model.train()
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    start = time.perf_counter()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    elapsed = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    for p in params:
+        p.requires_grad_(False)
+    model.eval()
+    return len(entries) / max(elapsed, 1e-6)
+
+
+def run_baseline(inputs: BaselineInputs, out_dir: str | Path, store: ImageStore | None = None) -> BaselineResult:
+    start = time.perf_counter()
+    seed_everything(inputs.seed)
+    snapshot, cfg = inputs.snapshot, inputs.cfg
+    store = store or ImageStore()
+    device = pick_device(inputs.finetune.device)
+    reset_peak_memory(device)
+    classes = snapshot.class_names
+    model = build_model(inputs.spec.name, len(classes))
+    if inputs.weights.state_dict is not None:
+        model.load_backbone_state(inputs.weights.state_dict)
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    model.to(device)
+
+    pre = inputs.weights.preprocessing
+    cache = FeatureCache(inputs.feature_cache_dir, cache_namespace(inputs.spec.name, inputs.weights.sha256, pre))
+    train, val = snapshot.split("train"), snapshot.split("val")
+    feats = extract_features(model, train + val, pre, cache, store, device, cfg.feature_batch_size)
+    x_train = torch.from_numpy(feats.features[: len(train)])
+    x_val = torch.from_numpy(feats.features[len(train) :])
+    y_train = torch.from_numpy(_labels(train, classes))
+    y_val = torch.from_numpy(_labels(val, classes))
+
+    head = nn.Linear(model.feature_dim, len(classes))
+    generator = torch.Generator().manual_seed(inputs.seed)
+    train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=cfg.batch_size, shuffle=True, generator=generator)
+    val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=1024)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loop = fit(
+        head, train_loader, val_loader, optimizer,
+        epochs=cfg.epochs, patience=cfg.patience, device=torch.device("cpu"), label="baseline head",
+    )
+    model.head.load_state_dict(head.state_dict())
+    best = loop.history[loop.best_epoch - 1]
+
+    # Advisor signals, each measured here.
+    train_counts = snapshot.class_counts["train"]
+    throughput = measure_train_throughput(model, snapshot, inputs, store, device)
+    planned_images = len(train) * inputs.finetune.epochs
+    estimate = planned_images / throughput * 1.25  # +25% for validation passes
+    shift = domain_shift(feats.features[: len(train)], inputs.weights.meta)
+    signals: dict[str, SignalValue] = {
+        "baseline_val_accuracy": round(best.val_accuracy, 6),
+        "baseline_train_accuracy": round(best.train_accuracy, 6),
+        "target_accuracy": cfg.advisor.target_accuracy,
+        "min_train_images_per_class": min(train_counts.values()),
+        "train_images": len(train),
+        "domain_shift": None if shift is None else round(shift, 4),
+        "train_images_per_second": round(throughput, 2),
+        "estimated_finetune_seconds": round(estimate, 2),
+        "budget_seconds": cfg.advisor.budget_seconds,
+    }
+    decision = advise(signals, cfg.advisor, inputs.finetune)
+    log.info("advisor: %s", decision.reason)
+
+    trainable, total = count_parameters(head)[0], count_parameters(model)[1]
+    candidate = Candidate(
+        name="baseline",
+        strategy="transfer",
+        backbone=inputs.spec,
+        backbone_sha256=inputs.weights.sha256,
+        class_names=classes,
+        preprocessing=pre,
+        metrics={
+            "train_accuracy": best.train_accuracy,
+            "val_accuracy": best.val_accuracy,
+            "val_loss": best.val_loss,
+            "train_val_gap": best.train_accuracy - best.val_accuracy,
+        },
+        cost=CostFigures(
+            wall_seconds=time.perf_counter() - start,
+            trainable_params=trainable,
+            total_params=total,
+            train_images_per_second=loop.train_images / loop.train_seconds if loop.train_seconds else None,
+            peak_memory_mb=peak_memory_mb(device),
+            epochs_run=len(loop.history),
+            backbone_forward_images=feats.computed,
+            device=str(device),
+        ),
+        history=tuple(loop.history),
+        extra={
+            "features_cached": str(feats.cached),
+            "feature_images_per_second": f"{feats.images_per_second:.1f}" if feats.images_per_second else "",
+            "weights_source": inputs.weights.source,
+        },
+    )
+    save_candidate(candidate, model.cpu(), Path(out_dir) / "candidate")
+    result = BaselineResult(candidate=candidate, decision=decision)
+    result.save(out_dir)
+    return result

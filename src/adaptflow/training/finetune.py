@@ -1,0 +1,104 @@
+"""The fine-tuning stage: LP-FT from the baseline candidate, early stopping on validation."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adaptflow.config import FinetuneConfig
+from adaptflow.contracts import BaselineResult, Candidate, CostFigures, Snapshot
+from adaptflow.data.images import ImageStore, eval_transform, train_transform
+from adaptflow.models.factory import count_parameters
+from adaptflow.training.candidates import load_candidate, save_candidate
+from adaptflow.training.data import make_loader
+from adaptflow.training.loop import fit
+from adaptflow.training.runtime import peak_memory_mb, pick_device, reset_peak_memory, seed_everything
+from adaptflow.training.strategies import freeze_batchnorm, plan_strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneInputs:
+    snapshot: Snapshot
+    baseline: BaselineResult
+    baseline_candidate_dir: Path
+    cfg: FinetuneConfig
+    seed: int = 0
+
+
+def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore | None = None) -> Candidate:
+    start = time.perf_counter()
+    cfg, snapshot = inputs.cfg, inputs.snapshot
+    seed_everything(inputs.seed)
+    store = store or ImageStore()
+    device = pick_device(cfg.device)
+    reset_peak_memory(device)
+    base, model = load_candidate(inputs.baseline_candidate_dir)  # LP-FT: start from the probe's head
+    plan = plan_strategy(model, cfg)
+    model.to(device)
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    pre, classes = base.preprocessing, base.class_names
+    train_loader = make_loader(
+        snapshot.split("train"), classes, train_transform(pre) if cfg.augment else eval_transform(pre), store,
+        batch_size=cfg.batch_size, shuffle=True, seed=inputs.seed, num_workers=cfg.num_workers,
+    )
+    val_loader = make_loader(
+        snapshot.split("val"), classes, eval_transform(pre), store, batch_size=256, shuffle=False,
+        num_workers=cfg.num_workers,
+    )
+    optimizer = torch.optim.AdamW(plan.param_groups, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    trainable, total = count_parameters(model)
+    loop = fit(
+        model, train_loader, val_loader, optimizer,
+        epochs=cfg.epochs, patience=cfg.patience, device=device, amp=cfg.amp, channels_last=channels_last,
+        scheduler=scheduler, on_epoch_start=plan.on_epoch_start,
+        train_mode=freeze_batchnorm if cfg.freeze_bn else None, label=f"finetune-{cfg.strategy}",
+    )
+    if plan.finalize is not None:
+        plan.finalize()
+    if cfg.strategy == "gradual":
+        trainable = count_parameters(model)[0]  # what the schedule had unfrozen by the last epoch
+    best = loop.history[loop.best_epoch - 1]
+    candidate = Candidate(
+        name=f"finetune-{cfg.strategy}",
+        strategy=cfg.strategy,
+        backbone=base.backbone,
+        backbone_sha256=base.backbone_sha256,
+        class_names=classes,
+        preprocessing=pre,
+        metrics={
+            "train_accuracy": best.train_accuracy,
+            "val_accuracy": best.val_accuracy,
+            "val_loss": best.val_loss,
+            "train_val_gap": best.train_accuracy - best.val_accuracy,
+            "baseline_val_accuracy": base.metrics["val_accuracy"],
+        },
+        cost=CostFigures(
+            wall_seconds=time.perf_counter() - start,
+            trainable_params=trainable,
+            total_params=total,
+            train_images_per_second=loop.train_images / loop.train_seconds if loop.train_seconds else None,
+            peak_memory_mb=peak_memory_mb(device),
+            epochs_run=len(loop.history),
+            backbone_forward_images=loop.train_images,
+            device=str(device),
+        ),
+        history=tuple(loop.history),
+        extra={"best_epoch": str(loop.best_epoch), "freeze_bn": str(cfg.freeze_bn)},
+    )
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    save_candidate(candidate, model.cpu(), out_dir)
+    log.info(
+        "finetune-%s: best val acc %.4f at epoch %d (baseline %.4f), %d trainable params, %.0fs",
+        cfg.strategy, best.val_accuracy, loop.best_epoch, base.metrics["val_accuracy"], trainable,
+        candidate.cost.wall_seconds,
+    )
+    return candidate

@@ -1,0 +1,113 @@
+"""Source-task pretraining: makes the "pretrained" backbone that demos and tests load.
+
+With no hub reachable, we pretrain here on a source task (digits 0-4) and write the weights
+like a torchvision mirror file: a state dict of the plain torchvision architecture, as
+safetensors with adaptflow metadata in the header (or .pth), plus ``<file>.json`` with its sha256.
+The metadata also carries the source feature statistics, the advisor's domain-shift reference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adaptflow.config import IngestConfig
+from adaptflow.contracts import Preprocessing
+from adaptflow.data.images import ImageStore, eval_transform, train_transform
+from adaptflow.data.ingest import ingest
+from adaptflow.models.factory import Classifier, build_torchvision
+from adaptflow.models.weights import save_weights_file
+from adaptflow.training.data import make_loader
+from adaptflow.training.loop import evaluate_loader, fit
+from adaptflow.training.runtime import pick_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    weights_path: Path
+    sha256: str
+    source_val_accuracy: float
+    source_test_accuracy: float
+    seconds: float
+    meta: dict[str, object]
+
+
+def channel_stats(store: ImageStore, entries: list, size: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of the training images at the input size."""
+    from torchvision.transforms import v2
+
+    to_tensor = v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.ToDtype(torch.float32, scale=True)])
+    stack = torch.stack([to_tensor(store.image(e)) for e in entries])
+    mean = stack.mean(dim=(0, 2, 3)).tolist()
+    std = stack.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    return tuple(round(m, 6) for m in mean), tuple(round(s, 6) for s in std)
+
+
+def pretrain(
+    data_dir: str | Path,
+    backbone: str,
+    out_file: str | Path,
+    *,
+    input_size: int = 32,
+    epochs: int = 8,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    device: str = "auto",
+) -> PretrainResult:
+    start = time.perf_counter()
+    seed_everything(seed)
+    dev = pick_device(device)
+    snapshot = ingest(str(data_dir), IngestConfig())
+    store = ImageStore()
+    train, val, test = snapshot.split("train"), snapshot.split("val"), snapshot.split("test")
+    mean, std = channel_stats(store, train, input_size)
+    pre = Preprocessing(input_size=input_size, resize_size=input_size, mean=mean, std=std)  # type: ignore[arg-type]
+    classes = snapshot.class_names
+
+    net = build_torchvision(backbone, num_classes=len(classes)).to(dev)
+    loader = make_loader(train, classes, train_transform(pre), store, batch_size=batch_size, shuffle=True, seed=seed)
+    val_loader = make_loader(val, classes, eval_transform(pre), store, batch_size=256, shuffle=False)
+    test_loader = make_loader(test, classes, eval_transform(pre), store, batch_size=256, shuffle=False)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    result = fit(
+        net, loader, val_loader, optimizer, epochs=epochs, patience=epochs, device=dev,
+        scheduler=scheduler, label="pretrain",
+    )
+    _, test_acc = evaluate_loader(net, test_loader, dev, amp=False)
+
+    # Source feature statistics (the advisor compares target features against them).
+    probe = Classifier(backbone, len(classes))
+    probe.load_backbone_state(net.state_dict())
+    probe.eval()
+    with torch.inference_mode():
+        feats = torch.cat([probe.features(x) for x, _ in make_loader(
+            train, classes, eval_transform(pre), store, batch_size=256, shuffle=False)]).numpy()
+    meta: dict[str, object] = {
+        "architecture": backbone,
+        "preprocessing": pre.model_dump(mode="json"),
+        "source_classes": list(classes),
+        "source_fingerprint": snapshot.fingerprint,
+        "source_val_accuracy": round(result.best_val_accuracy, 6),
+        "source_test_accuracy": round(test_acc, 6),
+        "feature_mean": np.round(feats.mean(0), 6).tolist(),
+        "feature_std": np.round(feats.std(0), 6).tolist(),
+        "epochs": len(result.history),
+        "seed": seed,
+    }
+    out = Path(out_file)
+    sha = save_weights_file(net.state_dict(), out, meta)
+    sidecar = {"file": out.name, "sha256": sha, **{k: v for k, v in meta.items() if not k.startswith("feature_")}}
+    out.with_name(out.name + ".json").write_text(json.dumps(sidecar, indent=2))
+    seconds = time.perf_counter() - start
+    log.info("pretrain: %s val acc %.4f test acc %.4f sha256 %s (%.0fs)", out, result.best_val_accuracy, test_acc, sha[:12], seconds)
+    return PretrainResult(out, sha, result.best_val_accuracy, test_acc, seconds, meta)
