@@ -1,6 +1,5 @@
 """The six stage components (plus the Else branch's pass-through). Bodies are thin shells."""
 
-
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -8,9 +7,9 @@ from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 
-def ingest(
-    data_uri: str, config_json: str, parent_run_id: str, snapshot: Output[Dataset]
-) -> NamedTuple("IngestOutputs", [("fingerprint", str), ("parent_run_id", str), ("config_hash", str)]):  # noqa: F821
+def ingest(data_uri: str, config_json: str, parent_run_id: str, snapshot: Output[Dataset]) -> NamedTuple(
+    "IngestOutputs", [("fingerprint", str), ("parent_run_id", str), ("config_hash", str)]
+):
     """Validate, de-duplicate, split and fingerprint the images at data_uri."""
     from adaptflow.steps import ingest_step
 
@@ -18,9 +17,13 @@ def ingest(
 
 
 def baseline(
-    snapshot: Input[Dataset], config_json: str, parent_run_id: str, fingerprint: str, config_hash: str,
+    snapshot: Input[Dataset],
+    config_json: str,
+    parent_run_id: str,
+    fingerprint: str,
+    config_hash: str,
     result: Output[Model],
-) -> NamedTuple("BaselineOutputs", [("should_finetune", bool), ("reason", str)]):  # noqa: F821
+) -> NamedTuple("BaselineOutputs", [("should_finetune", bool), ("reason", str)]):
     """Transfer learning: frozen backbone, cached features, a new linear head; the advisor's verdict."""
     from adaptflow.steps import baseline_step
 
@@ -28,8 +31,13 @@ def baseline(
 
 
 def finetune(
-    snapshot: Input[Dataset], baseline: Input[Model], config_json: str, parent_run_id: str, fingerprint: str,
-    config_hash: str, candidate: Output[Model],
+    snapshot: Input[Dataset],
+    baseline: Input[Model],
+    config_json: str,
+    parent_run_id: str,
+    fingerprint: str,
+    config_hash: str,
+    candidate: Output[Model],
 ):
     """Fine-tune from the baseline head (LP-FT) with the configured strategy."""
     from adaptflow.steps import finetune_step
@@ -45,42 +53,72 @@ def keep_baseline(baseline: Input[Model], candidate: Output[Model]):
 
 
 def evaluate(
-    snapshot: Input[Dataset], baseline: Input[Model], selected: Input[Model], config_json: str,
-    parent_run_id: str, fingerprint: str, evaluation: Output[Artifact], metrics: Output[Metrics],
+    snapshot: Input[Dataset],
+    baseline: Input[Model],
+    selected: Input[Model],
+    config_json: str,
+    parent_run_id: str,
+    fingerprint: str,
+    evaluation: Output[Artifact],
+    metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
-) -> NamedTuple("EvaluateOutputs", [("winner", str), ("winner_accuracy", float)]):  # noqa: F821
+) -> NamedTuple("EvaluateOutputs", [("winner", str), ("winner_accuracy", float)]):
     """Score every candidate and the current champion on the same test split; pick the winner."""
     import json
 
     from adaptflow.contracts import Snapshot
     from adaptflow.steps import evaluate_step
 
-    out = evaluate_step(snapshot.path, baseline.path, selected.path, config_json, parent_run_id, fingerprint, evaluation.path)
+    out = evaluate_step(
+        snapshot.path, baseline.path, selected.path, config_json, parent_run_id, fingerprint, evaluation.path
+    )
     metrics.log_metric("winner_test_accuracy", out.winner_accuracy)
-    confusion.log_confusion_matrix(list(Snapshot.load(snapshot.path).class_names), json.loads(out.confusion_matrix))
+    confusion.log_confusion_matrix(
+        list(Snapshot.load(snapshot.path).class_names), json.loads(out.confusion_matrix)
+    )
     return out.winner, out.winner_accuracy
 
 
 def export(
-    evaluation: Input[Artifact], baseline: Input[Model], selected: Input[Model], config_json: str,
-    parent_run_id: str, fingerprint: str, config_hash: str, onnx_model: Output[Model],
-) -> NamedTuple("ExportOutputs", [("max_abs_diff", float), ("latency_ms_p50", float)]):  # noqa: F821
+    evaluation: Input[Artifact],
+    baseline: Input[Model],
+    selected: Input[Model],
+    config_json: str,
+    parent_run_id: str,
+    fingerprint: str,
+    config_hash: str,
+    onnx_model: Output[Model],
+) -> NamedTuple("ExportOutputs", [("max_abs_diff", float), ("latency_ms_p50", float)]):
     """Export the winner to ONNX and check it against PyTorch."""
     from adaptflow.steps import export_step
 
-    return export_step(evaluation.path, baseline.path, selected.path, config_json, parent_run_id, onnx_model.path)
+    return export_step(
+        evaluation.path, baseline.path, selected.path, config_json, parent_run_id, onnx_model.path
+    )
 
 
 def register(
-    snapshot: Input[Dataset], baseline: Input[Model], selected: Input[Model], evaluation: Input[Artifact],
-    onnx_model: Input[Model], config_json: str, parent_run_id: str, registration: Output[Artifact],
-) -> NamedTuple("RegisterOutputs", [("version", str), ("promoted", bool)]):  # noqa: F821
+    snapshot: Input[Dataset],
+    baseline: Input[Model],
+    selected: Input[Model],
+    evaluation: Input[Artifact],
+    onnx_model: Input[Model],
+    config_json: str,
+    parent_run_id: str,
+    registration: Output[Artifact],
+) -> NamedTuple("RegisterOutputs", [("version", str), ("promoted", bool)]):
     """Register the ONNX model; move `challenger`, and `champion` only through the gate."""
     from adaptflow.steps import register_step
 
     return register_step(
-        snapshot.path, baseline.path, selected.path, evaluation.path, onnx_model.path, config_json,
-        parent_run_id, registration.path,
+        snapshot.path,
+        baseline.path,
+        selected.path,
+        evaluation.path,
+        onnx_model.path,
+        config_json,
+        parent_run_id,
+        registration.path,
     )
 
 
@@ -98,7 +136,7 @@ class StageComponents:
 def stage_components(base_image: str) -> StageComponents:
     """Components whose image is ``base_image`` (adaptflow's own image, which already holds kfp)."""
 
-    def make(func: Any) -> Any:  # noqa: ANN401
+    def make(func: Any) -> Any:
         return dsl.component(base_image=base_image, install_kfp_package=False)(func)
 
     return StageComponents(

@@ -38,11 +38,15 @@ def patch_kfp_local_oneof_artifacts() -> None:
             found = []
             for selector in spec.artifact_selectors:
                 try:
-                    found.append(io_store.get_task_output(selector.producer_subtask, selector.output_artifact_key))
+                    found.append(
+                        io_store.get_task_output(selector.producer_subtask, selector.output_artifact_key)
+                    )
                 except (KeyError, ValueError):
                     continue  # that branch did not run
             if len(found) != 1:
-                raise ValueError(f"dsl.OneOf output {key!r}: expected one produced artifact, got {len(found)}")
+                raise ValueError(
+                    f"dsl.OneOf output {key!r}: expected one produced artifact, got {len(found)}"
+                )
             outputs[key] = found[0]
         return outputs
 
@@ -56,9 +60,8 @@ class PipelineFailed(AdaptflowError):
 
 def run_local(settings: Settings, data_uri: str) -> dict[str, Any]:
     """Runs the compiled DAG locally and returns the run summary."""
-    from kfp import local
-
     from adaptflow.pipelines.pipeline import PIPELINE_NAME, build_pipeline
+    from kfp import local
 
     patch_kfp_local_oneof_artifacts()
     workdir = Path(settings.workdir).resolve()
@@ -67,13 +70,23 @@ def run_local(settings: Settings, data_uri: str) -> dict[str, Any]:
     error_file = workdir / "runs" / run_id / "error.json"
     error_file.parent.mkdir(parents=True, exist_ok=True)
     # Facts a KFP pod would know; components inherit the environment under kfp.local.
-    os.environ.update({
-        "ADAPTFLOW_KFP_RUN_ID": run_id,
-        "ADAPTFLOW_KFP_PIPELINE_NAME": PIPELINE_NAME,
-        "ADAPTFLOW_KFP_PIPELINE_VERSION": "local",
-        "ADAPTFLOW_ERROR_FILE": str(error_file),
-    })
-    ctx = start_pipeline_run(settings, f"adaptflow {run_id}", {"adaptflow.data_uri": data_uri, "adaptflow.config_hash": settings.config_hash(), "kfp.run_id": run_id})
+    os.environ.update(
+        {
+            "ADAPTFLOW_KFP_RUN_ID": run_id,
+            "ADAPTFLOW_KFP_PIPELINE_NAME": PIPELINE_NAME,
+            "ADAPTFLOW_KFP_PIPELINE_VERSION": "local",
+            "ADAPTFLOW_ERROR_FILE": str(error_file),
+        }
+    )
+    ctx = start_pipeline_run(
+        settings,
+        f"adaptflow {run_id}",
+        {
+            "adaptflow.data_uri": data_uri,
+            "adaptflow.config_hash": settings.config_hash(),
+            "kfp.run_id": run_id,
+        },
+    )
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     pipeline = build_pipeline(settings)
     started = time.perf_counter()
@@ -81,13 +94,21 @@ def run_local(settings: Settings, data_uri: str) -> dict[str, Any]:
         # kfp.local prints task logs on stdout; keep stdout for the summary (--json).
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            task = pipeline(data_uri=data_uri, config_json=settings.to_json(), parent_run_id=ctx.parent_run_id)
+            task = pipeline(
+                data_uri=data_uri, config_json=settings.to_json(), parent_run_id=ctx.parent_run_id
+            )
     except Exception as error:
         finish_pipeline_run(ctx, "FAILED")
         if error_file.exists():
             info = json.loads(error_file.read_text())
-            raise PipelineFailed(f"stage {info['stage']} failed: {info['message']}", hint=info.get("hint")) from None
+            raise PipelineFailed(
+                f"stage {info['stage']} failed: {info['message']}", hint=info.get("hint")
+            ) from None
         raise PipelineFailed(f"pipeline failed: {error}", hint="the stage's log is printed above") from None
     summary: dict[str, Any] = json.loads((Path(task.output.path) / SUMMARY_FILE).read_text())
-    summary["kfp"] = {"run_id": run_id, "pipeline_root": str(root), "wall_seconds": round(time.perf_counter() - started, 2)}
+    summary["kfp"] = {
+        "run_id": run_id,
+        "pipeline_root": str(root),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
     return summary

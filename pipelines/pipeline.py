@@ -8,14 +8,13 @@ registry). Every other stage takes the data fingerprint and the config hash as i
 cache key (parameter values + artifact names) changes whenever the data or the config does.
 """
 
-
 from pathlib import Path
 from typing import Any
 
+from adaptflow.components import stage_components
 from kfp import compiler, dsl
 
 from adaptflow import __version__
-from adaptflow.components import stage_components
 from adaptflow.config import Settings
 
 PIPELINE_NAME = "adaptflow"
@@ -31,37 +30,59 @@ def build_pipeline(settings: Settings, image: str = DEFAULT_IMAGE, name: str = P
         description="Adapt a pretrained vision backbone: transfer learning, fine-tuning when it pays, "
         "evaluation against the champion, ONNX export, gated registry promotion.",
     )
-    def adaptflow_pipeline(data_uri: str, config_json: str = default_config, parent_run_id: str = "") -> dsl.Artifact:
+    def adaptflow_pipeline(
+        data_uri: str, config_json: str = default_config, parent_run_id: str = ""
+    ) -> dsl.Artifact:
         ingest = c.ingest(data_uri=data_uri, config_json=config_json, parent_run_id=parent_run_id)
         ingest.set_caching_options(enable_caching=False).set_display_name("ingest")
         run_id = ingest.outputs["parent_run_id"]
         fingerprint = ingest.outputs["fingerprint"]
         config_hash = ingest.outputs["config_hash"]
         baseline = c.baseline(
-            snapshot=ingest.outputs["snapshot"], config_json=config_json, parent_run_id=run_id,
-            fingerprint=fingerprint, config_hash=config_hash,
+            snapshot=ingest.outputs["snapshot"],
+            config_json=config_json,
+            parent_run_id=run_id,
+            fingerprint=fingerprint,
+            config_hash=config_hash,
         ).set_display_name("baseline (transfer learning)")
         with dsl.If(baseline.outputs["should_finetune"] == True, name="finetune-pays"):  # noqa: E712
             tuned = c.finetune(
-                snapshot=ingest.outputs["snapshot"], baseline=baseline.outputs["result"], config_json=config_json,
-                parent_run_id=run_id, fingerprint=fingerprint, config_hash=config_hash,
+                snapshot=ingest.outputs["snapshot"],
+                baseline=baseline.outputs["result"],
+                config_json=config_json,
+                parent_run_id=run_id,
+                fingerprint=fingerprint,
+                config_hash=config_hash,
             ).set_display_name("finetune")
         with dsl.Else(name="keep-baseline"):
             kept = c.keep_baseline(baseline=baseline.outputs["result"]).set_display_name("keep baseline")
         selected = dsl.OneOf(tuned.outputs["candidate"], kept.outputs["candidate"])
         evaluate = c.evaluate(
-            snapshot=ingest.outputs["snapshot"], baseline=baseline.outputs["result"], selected=selected,
-            config_json=config_json, parent_run_id=run_id, fingerprint=fingerprint,
+            snapshot=ingest.outputs["snapshot"],
+            baseline=baseline.outputs["result"],
+            selected=selected,
+            config_json=config_json,
+            parent_run_id=run_id,
+            fingerprint=fingerprint,
         ).set_display_name("evaluate vs champion")
         evaluate.set_caching_options(enable_caching=False)
         export = c.export(
-            evaluation=evaluate.outputs["evaluation"], baseline=baseline.outputs["result"], selected=selected,
-            config_json=config_json, parent_run_id=run_id, fingerprint=fingerprint, config_hash=config_hash,
+            evaluation=evaluate.outputs["evaluation"],
+            baseline=baseline.outputs["result"],
+            selected=selected,
+            config_json=config_json,
+            parent_run_id=run_id,
+            fingerprint=fingerprint,
+            config_hash=config_hash,
         ).set_display_name("onnx export")
         register = c.register(
-            snapshot=ingest.outputs["snapshot"], baseline=baseline.outputs["result"], selected=selected,
-            evaluation=evaluate.outputs["evaluation"], onnx_model=export.outputs["onnx_model"],
-            config_json=config_json, parent_run_id=run_id,
+            snapshot=ingest.outputs["snapshot"],
+            baseline=baseline.outputs["result"],
+            selected=selected,
+            evaluation=evaluate.outputs["evaluation"],
+            onnx_model=export.outputs["onnx_model"],
+            config_json=config_json,
+            parent_run_id=run_id,
         ).set_display_name("register + gate")
         register.set_caching_options(enable_caching=False)
         return register.outputs["registration"]

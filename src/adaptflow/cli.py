@@ -27,7 +27,9 @@ app.add_typer(config_app, name="config")
 log = logging.getLogger("adaptflow.cli")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override: section.key=value (repeatable)")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="override: section.key=value (repeatable)")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
 
 
@@ -39,7 +41,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_callback(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="show the version")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="show the version")
+    ] = False,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     setup_logging(log_level.upper())
@@ -80,12 +84,21 @@ def pretrain(
     from adaptflow.training.pretrain import pretrain as run_pretrain
 
     result = run_pretrain(data, backbone, out, epochs=epochs, input_size=input_size, seed=seed)
-    _emit({"weights": str(result.weights_path), "sha256": result.sha256,
-           "source_val_accuracy": result.source_val_accuracy, "source_test_accuracy": result.source_test_accuracy,
-           "seconds": round(result.seconds, 1)}, as_json)
+    _emit(
+        {
+            "weights": str(result.weights_path),
+            "sha256": result.sha256,
+            "source_val_accuracy": result.source_val_accuracy,
+            "source_test_accuracy": result.source_test_accuracy,
+            "seconds": round(result.seconds, 1),
+        },
+        as_json,
+    )
 
 
-def _run_and_report(data_uri: str, config: Path | None, overrides: list[str], as_json: bool) -> dict[str, Any]:
+def _run_and_report(
+    data_uri: str, config: Path | None, overrides: list[str], as_json: bool
+) -> dict[str, Any]:
     from adaptflow.config import load_settings
     from adaptflow.pipelines.local import run_local
     from adaptflow.tracking import stage_timings
@@ -111,7 +124,9 @@ def run(
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="where demo data, weights and the embedded MLflow live")] = Path(".adaptflow"),
+    workdir: Annotated[
+        Path, typer.Option(help="where demo data, weights and the embedded MLflow live")
+    ] = Path(".adaptflow"),
     dataset: Annotated[str, typer.Option(help="target or target-shifted")] = "target",
     config: ConfigOpt = None,
     overrides: SetOpt = None,
@@ -121,7 +136,11 @@ def demo(
     from adaptflow.demo import prepare_demo
 
     assets = prepare_demo(workdir.resolve())
-    base = [f"workdir={workdir.resolve()}", f"backbone.weights_uri={assets.weights_uri}", f"backbone.sha256={assets.sha256}"]
+    base = [
+        f"workdir={workdir.resolve()}",
+        f"backbone.weights_uri={assets.weights_uri}",
+        f"backbone.sha256={assets.sha256}",
+    ]
     _run_and_report(str(assets.data / dataset), config, base + (overrides or []), as_json)
 
 
@@ -130,7 +149,9 @@ def compile_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="IR YAML to write")],
     config: ConfigOpt = None,
     overrides: SetOpt = None,
-    image: Annotated[str | None, typer.Option(help="component image (default: adaptflow's release image)")] = None,
+    image: Annotated[
+        str | None, typer.Option(help="component image (default: adaptflow's release image)")
+    ] = None,
 ) -> None:
     """Compile the pipeline to KFP IR YAML."""
     from adaptflow.config import load_settings
@@ -169,7 +190,9 @@ def _tracking_uri(config: Path | None, overrides: list[str]) -> tuple[Any, str]:
 
 @app.command()
 def history(
-    model: Annotated[str | None, typer.Option(help="registered model name (default: registry.model_name)")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="registered model name (default: registry.model_name)")
+    ] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
@@ -190,8 +213,14 @@ def history(
         for r in rows:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["time"]))
             acc = r.get("metrics", {}).get("accuracy")
-            table.add_row(when, r["action"], str(r.get("previous_champion") or "-"), str(r["new_champion"]),
-                          f"{acc:.4f}" if acc is not None else "", r["reason"][:120])
+            table.add_row(
+                when,
+                r["action"],
+                str(r.get("previous_champion") or "-"),
+                str(r["new_champion"]),
+                f"{acc:.4f}" if acc is not None else "",
+                r["reason"][:120],
+            )
         Console().print(table)
 
     _emit(trail, as_json, render)
@@ -199,8 +228,12 @@ def history(
 
 @app.command()
 def rollback(
-    model: Annotated[str | None, typer.Option(help="registered model name (default: registry.model_name)")] = None,
-    to: Annotated[str | None, typer.Option("--to", help="version to make champion (default: the previous one)")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="registered model name (default: registry.model_name)")
+    ] = None,
+    to: Annotated[
+        str | None, typer.Option("--to", help="version to make champion (default: the previous one)")
+    ] = None,
     reason: Annotated[str, typer.Option(help="why, for the audit trail")] = "",
     config: ConfigOpt = None,
     overrides: SetOpt = None,
@@ -218,7 +251,9 @@ def rollback(
     client = mlflow.MlflowClient(uri)
     experiment_id = ensure_experiment(uri, settings.tracking.experiment, settings.workdir)
     run = client.create_run(experiment_id, run_name=f"rollback {name}", tags={"adaptflow.stage": "rollback"})
-    lease = lease_for(name, client.get_experiment(experiment_id).artifact_location, settings.workdir, settings.registry)
+    lease = lease_for(
+        name, client.get_experiment(experiment_id).artifact_location, settings.workdir, settings.registry
+    )
     try:
         record = do_rollback(uri, name, lease, to, run.info.run_id, reason)
     except BaseException:
@@ -231,7 +266,9 @@ def rollback(
 @app.command()
 def predict(
     paths: Annotated[list[str], typer.Argument(help="image files or folders")],
-    model: Annotated[str, typer.Option(help="models:/NAME@champion, models:/NAME/VERSION or a .onnx file")] = "",
+    model: Annotated[
+        str, typer.Option(help="models:/NAME@champion, models:/NAME/VERSION or a .onnx file")
+    ] = "",
     output_format: Annotated[str, typer.Option("--format", help="table, json or csv")] = "table",
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
@@ -261,7 +298,11 @@ def predict(
         for col in ("path", "label", "confidence"):
             table.add_column(col)
         for r in rows:
-            table.add_row(r["path"], r["label"] or f"[red]{r['error']}", f"{r['confidence']:.3f}" if r["confidence"] else "")
+            table.add_row(
+                r["path"],
+                r["label"] or f"[red]{r['error']}",
+                f"{r['confidence']:.3f}" if r["confidence"] else "",
+            )
         Console().print(table)
 
 
@@ -276,21 +317,36 @@ def _print_summary(s: dict[str, Any]) -> None:
     table.add_column(style="bold")
     table.add_column()
     d = s["dataset"]
-    table.add_row("data", f"{d['source']}\nfingerprint {d['fingerprint'][:16]}  counts {d['counts']}  quarantined {len(d['quarantined'])}")
+    table.add_row(
+        "data",
+        f"{d['source']}\nfingerprint {d['fingerprint'][:16]}  counts {d['counts']}  quarantined {len(d['quarantined'])}",
+    )
     b = s["baseline"]["metrics"]
-    table.add_row("baseline (transfer)", f"test accuracy {pct(b['accuracy'])}  CI95 {b['accuracy_ci95'][0]:.3f}-{b['accuracy_ci95'][1]:.3f}  macro-F1 {pct(b['macro_f1'])}")
+    table.add_row(
+        "baseline (transfer)",
+        f"test accuracy {pct(b['accuracy'])}  CI95 {b['accuracy_ci95'][0]:.3f}-{b['accuracy_ci95'][1]:.3f}  macro-F1 {pct(b['macro_f1'])}",
+    )
     f = s["finetune"]
     if f["ran"]:
         m = f["metrics"]
-        table.add_row(f"finetune ({f['strategy']})", f"test accuracy {pct(m['accuracy'])}  CI95 {m['accuracy_ci95'][0]:.3f}-{m['accuracy_ci95'][1]:.3f}  macro-F1 {pct(m['macro_f1'])}")
+        table.add_row(
+            f"finetune ({f['strategy']})",
+            f"test accuracy {pct(m['accuracy'])}  CI95 {m['accuracy_ci95'][0]:.3f}-{m['accuracy_ci95'][1]:.3f}  macro-F1 {pct(m['macro_f1'])}",
+        )
     table.add_row("advisor", s["advisor"]["reason"])
     table.add_row("winner", f"{s['winner']}: {s['winner_reason']}")
-    table.add_row("champion before", f"v{s['champion_before']} ({pct(s['champion_before_accuracy'])})" if s["champion_before"] else "none")
+    table.add_row(
+        "champion before",
+        f"v{s['champion_before']} ({pct(s['champion_before_accuracy'])})" if s["champion_before"] else "none",
+    )
     table.add_row("registered", f"{s['model_uri']}")
     verdict = "[green]PROMOTED to champion" if s["promoted"] else "[yellow]not promoted"
     table.add_row("gate", verdict + "\n" + "\n".join(f"- {r}" for r in s["gate"]["reasons"]))
     o = s["onnx"]
-    table.add_row("onnx", f"max |ort - torch| {o['max_abs_diff']:.2e} (tol {o['tolerance']:.0e}), p50 {o['latency_ms_p50']:.2f} ms")
+    table.add_row(
+        "onnx",
+        f"max |ort - torch| {o['max_abs_diff']:.2e} (tol {o['tolerance']:.0e}), p50 {o['latency_ms_p50']:.2f} ms",
+    )
     table.add_row("mlflow", f"{s['mlflow']['tracking_uri']}  run {s['mlflow']['run_id']}")
     if s.get("stage_seconds"):
         table.add_row("stage seconds", "  ".join(f"{k} {v:.1f}" for k, v in s["stage_seconds"].items()))

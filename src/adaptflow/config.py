@@ -98,7 +98,7 @@ class FinetuneConfig(Section):
     freeze_bn: bool = Field(True, description="keep BatchNorm running statistics frozen (small data)")
     augment: bool = True
     lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
+    lora_alpha: int = Field(16, gt=0)
     gradual_epochs_per_block: int = Field(2, ge=1)
     num_workers: int = Field(0, ge=0)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
@@ -224,13 +224,17 @@ def load_settings(path: str | Path | None = None, overrides: list[str] | tuple[s
     if path is not None:
         file = Path(path)
         if not file.is_file():
-            raise ConfigError(f"config file {file} does not exist", hint="pass an existing YAML file to --config")
+            raise ConfigError(
+                f"config file {file} does not exist", hint="pass an existing YAML file to --config"
+            )
         try:
             loaded = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {file} is not valid YAML: {error}") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {file} must hold a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {file} must hold a mapping of sections, got {type(loaded).__name__}"
+            )
         data = loaded
         source = str(file)
     for override in overrides:

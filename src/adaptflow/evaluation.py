@@ -30,7 +30,9 @@ class ChampionModel:
     model: OnnxClassifier
 
 
-def predict_candidate(folder: Path, entries: list[ManifestEntry], store: ImageStore, batch: int) -> np.ndarray:
+def predict_candidate(
+    folder: Path, entries: list[ManifestEntry], store: ImageStore, batch: int
+) -> np.ndarray:
     candidate, model = load_candidate(folder)
     transform = eval_transform(candidate.preprocessing)
     preds: list[np.ndarray] = []
@@ -41,10 +43,14 @@ def predict_candidate(folder: Path, entries: list[ManifestEntry], store: ImageSt
     return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
 
 
-def predict_onnx(model: OnnxClassifier, entries: list[ManifestEntry], store: ImageStore, batch: int) -> np.ndarray:
+def predict_onnx(
+    model: OnnxClassifier, entries: list[ManifestEntry], store: ImageStore, batch: int
+) -> np.ndarray:
     transform = eval_transform(model.preprocessing)
     preds = [
-        model.logits(torch.stack([transform(store.image(e)) for e in entries[i : i + batch]]).numpy()).argmax(1)
+        model.logits(torch.stack([transform(store.image(e)) for e in entries[i : i + batch]]).numpy()).argmax(
+            1
+        )
         for i in range(0, len(entries), batch)
     ]
     return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
@@ -60,15 +66,18 @@ def bootstrap_ci(correct: np.ndarray, samples: int, seed: int = 0) -> tuple[floa
 
 
 def score(
-    name: str, kind: str, y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...], cfg: EvaluateConfig,
+    name: str,
+    kind: str,
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    classes: tuple[str, ...],
+    cfg: EvaluateConfig,
     version: str | None = None,
 ) -> ModelScore:
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
     labels = list(range(len(classes)))
-    precision, recall, _, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    precision, recall, _, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return ModelScore(
         name=name,
         kind=kind,  # type: ignore[arg-type]
@@ -155,11 +164,25 @@ def evaluate(
             remap = np.array([index[c] for c in champion.model.class_names])
             predictions["champion"] = remap[raw] if len(raw) else raw
             scores.append(
-                score("champion", "champion", y_true, predictions["champion"], classes, cfg, champion.ref.version)
+                score(
+                    "champion",
+                    "champion",
+                    y_true,
+                    predictions["champion"],
+                    classes,
+                    cfg,
+                    champion.ref.version,
+                )
             )
             p_value = mcnemar_exact(y_true, predictions[winner], predictions["champion"])
     for s in scores:
-        log.info("evaluate: %-16s accuracy %.4f [%.4f, %.4f] macro-F1 %.4f", s.name, s.accuracy, *s.accuracy_ci95, s.macro_f1)
+        log.info(
+            "evaluate: %-16s accuracy %.4f [%.4f, %.4f] macro-F1 %.4f",
+            s.name,
+            s.accuracy,
+            *s.accuracy_ci95,
+            s.macro_f1,
+        )
     log.info("evaluate: winner %s: %s", winner, reason)
     evaluation = Evaluation(
         scores=tuple(scores),

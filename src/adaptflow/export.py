@@ -18,7 +18,13 @@ import torch
 from adaptflow.config import ExportConfig
 from adaptflow.contracts import ExportResult
 from adaptflow.errors import ExportError
-from adaptflow.onnx_model import META_BACKBONE, META_CANDIDATE, META_CLASSES, META_PREPROCESSING, load_onnx_classifier
+from adaptflow.onnx_model import (
+    META_BACKBONE,
+    META_CANDIDATE,
+    META_CLASSES,
+    META_PREPROCESSING,
+    load_onnx_classifier,
+)
 from adaptflow.training.candidates import load_candidate
 
 log = logging.getLogger(__name__)
@@ -94,7 +100,10 @@ def export_onnx(candidate_dir: str | Path, cfg: ExportConfig, out_dir: str | Pat
     result.save(out)
     log.info(
         "export: parity max |ort - torch| = %.2e at batch sizes %s (tolerance %.0e); p50 %.2f ms",
-        worst, list(parity), cfg.tolerance, result.latency_ms_p50,
+        worst,
+        list(parity),
+        cfg.tolerance,
+        result.latency_ms_p50,
     )
     if not result.passed:
         raise ExportError(

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,7 +47,9 @@ class Lease(ABC):
         self.acquire()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()
 
 
@@ -80,7 +83,12 @@ class S3Lease(Lease):
     """Conditional-put lease at ``s3://bucket/key``."""
 
     def __init__(
-        self, bucket: str, key: str, ttl_seconds: float = 120.0, wait_seconds: float = 300.0, client: Any = None
+        self,
+        bucket: str,
+        key: str,
+        ttl_seconds: float = 120.0,
+        wait_seconds: float = 300.0,
+        client: Any = None,
     ) -> None:
         super().__init__(f"s3://{bucket}/{key}", ttl_seconds, wait_seconds)
         from adaptflow.storage import s3_client
@@ -114,10 +122,9 @@ class S3Lease(Lease):
         if float(state.get("expires_at", 0)) > time.time():
             return
         log.warning("lease %s held by %s expired; taking it over", self.name, state.get("holder"))
-        try:
+        # if someone else took it over first, the delete fails and we go back to waiting
+        with contextlib.suppress(ClientError):
             self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=current["ETag"])
-        except ClientError:
-            pass  # someone else took it over first; we go back to waiting
 
     def acquire(self) -> None:
         deadline = time.monotonic() + self.wait
@@ -142,5 +149,7 @@ class S3Lease(Lease):
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self._etag)
         except ClientError as error:
-            log.warning("lease %s was not ours to release any more (expired and taken over?): %s", self.name, error)
+            log.warning(
+                "lease %s was not ours to release any more (expired and taken over?): %s", self.name, error
+            )
         self._etag = None

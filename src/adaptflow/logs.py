@@ -5,7 +5,17 @@ from __future__ import annotations
 import logging
 import sys
 
-NOISY = ("onnxscript", "onnx_ir", "alembic", "mlflow.store.db", "urllib3", "botocore", "matplotlib", "PIL", "torch.onnx")
+NOISY = (
+    "onnxscript",
+    "onnx_ir",
+    "alembic",
+    "mlflow.store.db",
+    "urllib3",
+    "botocore",
+    "matplotlib",
+    "PIL",
+    "torch.onnx",
+)
 
 
 def setup_logging(level: str | int = "INFO") -> None:

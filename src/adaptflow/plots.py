@@ -30,7 +30,9 @@ def confusion_matrix_png(matrix: list[list[int]], classes: Sequence[str], title:
     peak = max((max(row) for row in matrix), default=0)
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+            ax.text(
+                j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black"
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

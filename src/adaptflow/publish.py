@@ -14,8 +14,13 @@ from adaptflow.tracking import TrackingContext, git_commit, kfp_lineage
 
 
 def version_tags(
-    winner: Candidate, snapshot: Snapshot, evaluation: Evaluation, export: ExportResult, settings: Settings,
-    ctx: TrackingContext, register_run_id: str,
+    winner: Candidate,
+    snapshot: Snapshot,
+    evaluation: Evaluation,
+    export: ExportResult,
+    settings: Settings,
+    ctx: TrackingContext,
+    register_run_id: str,
 ) -> dict[str, str]:
     score = evaluation.score(winner.name)
     tags = {
@@ -43,8 +48,14 @@ def version_tags(
 
 
 def publish_model(
-    onnx_path: Path, winner: Candidate, snapshot: Snapshot, evaluation: Evaluation, export: ExportResult,
-    settings: Settings, ctx: TrackingContext, register_run_id: str,
+    onnx_path: Path,
+    winner: Candidate,
+    snapshot: Snapshot,
+    evaluation: Evaluation,
+    export: ExportResult,
+    settings: Settings,
+    ctx: TrackingContext,
+    register_run_id: str,
 ) -> str:
     """Logs + registers the ONNX model in the active run; moves ``challenger``; returns the version."""
     import mlflow
@@ -72,7 +83,9 @@ def publish_model(
     )
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient(ctx.tracking_uri)
-    for key, value in version_tags(winner, snapshot, evaluation, export, settings, ctx, register_run_id).items():
+    for key, value in version_tags(
+        winner, snapshot, evaluation, export, settings, ctx, register_run_id
+    ).items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)
     return version

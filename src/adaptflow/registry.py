@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptflow.config import GateConfig, RegistryConfig
-from adaptflow.contracts import ChampionRef, Evaluation, ExportResult, GateDecision, ModelScore, Registration
+from adaptflow.contracts import ChampionRef, Evaluation, ExportResult, GateDecision, ModelScore
 from adaptflow.errors import StoreError
 from adaptflow.lease import FileLease, Lease, S3Lease
 
@@ -51,7 +51,9 @@ def get_champion(tracking_uri: str, model_name: str, alias: str = CHAMPION) -> C
             return None
         raise StoreError(f"cannot read {model_name}@{alias} from {tracking_uri}: {error}") from error
     return ChampionRef(
-        model_name=model_name, version=str(version.version), run_id=version.run_id,
+        model_name=model_name,
+        version=str(version.version),
+        run_id=version.run_id,
         uri=f"models:/{model_name}@{alias}",
     )
 
@@ -90,13 +92,21 @@ def decide_gate(
         reasons.append(good if passed else bad)
 
     a = winner.accuracy
-    check(a >= cfg.min_accuracy, f"accuracy {a:.4f} >= min_accuracy {cfg.min_accuracy:.4f}",
-          f"accuracy {a:.4f} is below min_accuracy {cfg.min_accuracy:.4f}")
-    check(export.passed, f"ONNX parity {export.max_abs_diff:.1e} within tolerance {export.tolerance:.0e}",
-          f"ONNX parity {export.max_abs_diff:.1e} exceeds tolerance {export.tolerance:.0e}")
-    check(export.latency_ms_p50 <= cfg.max_latency_ms,
-          f"ONNX p50 latency {export.latency_ms_p50:.2f} ms within {cfg.max_latency_ms:.0f} ms",
-          f"ONNX p50 latency {export.latency_ms_p50:.2f} ms exceeds {cfg.max_latency_ms:.0f} ms")
+    check(
+        a >= cfg.min_accuracy,
+        f"accuracy {a:.4f} >= min_accuracy {cfg.min_accuracy:.4f}",
+        f"accuracy {a:.4f} is below min_accuracy {cfg.min_accuracy:.4f}",
+    )
+    check(
+        export.passed,
+        f"ONNX parity {export.max_abs_diff:.1e} within tolerance {export.tolerance:.0e}",
+        f"ONNX parity {export.max_abs_diff:.1e} exceeds tolerance {export.tolerance:.0e}",
+    )
+    check(
+        export.latency_ms_p50 <= cfg.max_latency_ms,
+        f"ONNX p50 latency {export.latency_ms_p50:.2f} ms within {cfg.max_latency_ms:.0f} ms",
+        f"ONNX p50 latency {export.latency_ms_p50:.2f} ms exceeds {cfg.max_latency_ms:.0f} ms",
+    )
     if champion is None:
         reasons.append(champion_note or "no champion yet: the absolute thresholds alone decide")
     else:
@@ -110,14 +120,21 @@ def decide_gate(
         )
         if cfg.require_significance:
             p = 1.0 if p_value is None else p_value
-            check(p < cfg.alpha, f"McNemar p={p:.4f} < alpha {cfg.alpha}",
-                  f"difference from the champion is not significant: McNemar p={p:.4f} >= alpha {cfg.alpha}")
+            check(
+                p < cfg.alpha,
+                f"McNemar p={p:.4f} < alpha {cfg.alpha}",
+                f"difference from the champion is not significant: McNemar p={p:.4f} >= alpha {cfg.alpha}",
+            )
         elif p_value is not None:
-            reasons.append(f"McNemar p={p_value:.4f} vs champion (informational; gate.require_significance=false)")
+            reasons.append(
+                f"McNemar p={p_value:.4f} vs champion (informational; gate.require_significance=false)"
+            )
     return GateDecision(promote=ok, reasons=tuple(reasons))
 
 
-def lease_for(model_name: str, artifact_location: str | None, workdir: str | Path, cfg: RegistryConfig) -> Lease:
+def lease_for(
+    model_name: str, artifact_location: str | None, workdir: str | Path, cfg: RegistryConfig
+) -> Lease:
     """S3 artifacts -> a conditional-put lease beside them; otherwise an OS file lock."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
     if artifact_location and artifact_location.startswith("s3://"):
@@ -126,7 +143,9 @@ def lease_for(model_name: str, artifact_location: str | None, workdir: str | Pat
         bucket, prefix = split_s3(artifact_location)
         key = f"{prefix.rstrip('/')}/_leases/{safe}.json".lstrip("/")
         return S3Lease(bucket, key, cfg.lease_ttl_seconds, cfg.lease_wait_seconds)
-    return FileLease(Path(workdir).resolve() / "locks" / f"{safe}.lock", cfg.lease_ttl_seconds, cfg.lease_wait_seconds)
+    return FileLease(
+        Path(workdir).resolve() / "locks" / f"{safe}.lock", cfg.lease_ttl_seconds, cfg.lease_wait_seconds
+    )
 
 
 @dataclass(frozen=True)
@@ -172,8 +191,12 @@ def append_audit(tracking_uri: str, record: AuditRecord, run_id: str) -> None:
         path = Path(tmp) / Path(AUDIT_FILE).name
         path.write_text("\n".join(lines) + "\n")
         client.log_artifact(run_id, str(path), artifact_path=str(Path(AUDIT_FILE).parent))
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(record.time)) + f".{int(record.time * 1000) % 1000:03d}Z"
-    client.set_model_version_tag(record.model_name, record.new_champion, f"adaptflow.audit.{stamp}", record.to_json()[:4900])
+    stamp = (
+        time.strftime("%Y%m%dT%H%M%S", time.gmtime(record.time)) + f".{int(record.time * 1000) % 1000:03d}Z"
+    )
+    client.set_model_version_tag(
+        record.model_name, record.new_champion, f"adaptflow.audit.{stamp}", record.to_json()[:4900]
+    )
     client.set_registered_model_tag(record.model_name, AUDIT_POINTER_TAG, run_id)
 
 
@@ -192,7 +215,9 @@ class PromotionInputs:
     run_ids: dict[str, str]
 
 
-def promote_under_lease(inputs: PromotionInputs, lease: Lease, rescore: RescoreChampion) -> tuple[GateDecision, str | None, str | None]:
+def promote_under_lease(
+    inputs: PromotionInputs, lease: Lease, rescore: RescoreChampion
+) -> tuple[GateDecision, str | None, str | None]:
     """Runs the gate and moves ``champion`` if it passes. Returns (decision, before, after)."""
     client = _client(inputs.tracking_uri)
     evaluation = inputs.evaluation
@@ -204,7 +229,11 @@ def promote_under_lease(inputs: PromotionInputs, lease: Lease, rescore: RescoreC
         p_value = evaluation.mcnemar_p_value
         note = evaluation.champion_note
         if now != seen:
-            log.warning("champion moved from v%s to v%s since evaluation; re-scoring on the same test split", seen, now)
+            log.warning(
+                "champion moved from v%s to v%s since evaluation; re-scoring on the same test split",
+                seen,
+                now,
+            )
             champion_score = rescore(current) if current else None
             p_value = None
             note = f"champion changed during this run (v{seen} -> v{now}); compared again"
@@ -212,10 +241,16 @@ def promote_under_lease(inputs: PromotionInputs, lease: Lease, rescore: RescoreC
         if decision.promote:
             client.set_registered_model_alias(inputs.model_name, CHAMPION, inputs.version)
             record = AuditRecord(
-                action="promote", model_name=inputs.model_name, new_champion=inputs.version, previous_champion=now,
+                action="promote",
+                model_name=inputs.model_name,
+                new_champion=inputs.version,
+                previous_champion=now,
                 reason="; ".join(decision.reasons),
                 metrics={"accuracy": inputs.winner_score.accuracy, "macro_f1": inputs.winner_score.macro_f1},
-                run_ids=inputs.run_ids, holder=lease.holder, user=getpass.getuser(), time=time.time(),
+                run_ids=inputs.run_ids,
+                holder=lease.holder,
+                user=getpass.getuser(),
+                time=time.time(),
             )
             append_audit(inputs.tracking_uri, record, inputs.run_ids["register"])
             return decision, now, inputs.version
@@ -234,8 +269,11 @@ def rollback(
         if to_version is None:
             trail = read_audit(tracking_uri, model_name)
             previous = next(
-                (r["previous_champion"] for r in reversed(trail)
-                 if r["new_champion"] == current.version and r.get("previous_champion")),
+                (
+                    r["previous_champion"]
+                    for r in reversed(trail)
+                    if r["new_champion"] == current.version and r.get("previous_champion")
+                ),
                 None,
             )
             if previous is None:
@@ -250,9 +288,16 @@ def rollback(
             raise StoreError(f"{model_name} has no version {to_version}") from None
         client.set_registered_model_alias(model_name, CHAMPION, to_version)
         record = AuditRecord(
-            action="rollback", model_name=model_name, new_champion=to_version, previous_champion=current.version,
-            reason=reason or f"rollback from v{current.version}", metrics={}, run_ids={"rollback": run_id},
-            holder=lease.holder, user=getpass.getuser(), time=time.time(),
+            action="rollback",
+            model_name=model_name,
+            new_champion=to_version,
+            previous_champion=current.version,
+            reason=reason or f"rollback from v{current.version}",
+            metrics={},
+            run_ids={"rollback": run_id},
+            holder=lease.holder,
+            user=getpass.getuser(),
+            time=time.time(),
         )
         append_audit(tracking_uri, record, run_id)
         return record

@@ -18,10 +18,16 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from adaptflow.config import Settings, dump_settings
-from adaptflow.errors import AdaptflowError
 from adaptflow.contracts import BaselineResult, Candidate, Evaluation, ExportResult, Registration, Snapshot
+from adaptflow.errors import AdaptflowError
 from adaptflow.logs import setup_logging
-from adaptflow.tracking import TrackingContext, flat_params, resolve_tracking_uri, stage_run, start_pipeline_run
+from adaptflow.tracking import (
+    TrackingContext,
+    flat_params,
+    resolve_tracking_uri,
+    stage_run,
+    start_pipeline_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,9 @@ def reports_errors(stage: str) -> Callable[[F], F]:
             try:
                 return func(*args, **kwargs)
             except Exception as error:
-                message = error.message if isinstance(error, AdaptflowError) else f"{type(error).__name__}: {error}"
+                message = (
+                    error.message if isinstance(error, AdaptflowError) else f"{type(error).__name__}: {error}"
+                )
                 hint = error.hint if isinstance(error, AdaptflowError) else None
                 log.error("stage %s failed: %s%s", stage, message, f" (hint: {hint})" if hint else "")
                 path = os.environ.get(ERROR_FILE_ENV)
@@ -87,22 +95,30 @@ def ingest_step(data_uri: str, config_json: str, parent_run_id: str, out_dir: st
     if parent_run_id:
         ctx = _context(settings, parent_run_id)
     else:
-        ctx = start_pipeline_run(settings, "adaptflow", {"adaptflow.data_uri": data_uri, "adaptflow.config_hash": config_hash})
+        ctx = start_pipeline_run(
+            settings, "adaptflow", {"adaptflow.data_uri": data_uri, "adaptflow.config_hash": config_hash}
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_settings(settings))
     mlflow.set_tracking_uri(ctx.tracking_uri)
     client = mlflow.MlflowClient(ctx.tracking_uri)
     client.log_artifact(ctx.parent_run_id, str(out / "config.yaml"))
-    client.log_batch(ctx.parent_run_id, params=[
-        mlflow.entities.Param(k, v) for k, v in flat_params("", settings.model_dump(mode="json")).items()
-    ][:100])
+    client.log_batch(
+        ctx.parent_run_id,
+        params=[
+            mlflow.entities.Param(k, v) for k, v in flat_params("", settings.model_dump(mode="json")).items()
+        ][:100],
+    )
     with stage_run(ctx, "ingest", {"adaptflow.data_uri": data_uri}):
         snapshot = ingest(data_uri, settings.ingest)
         snapshot.save(out)
         write_quarantine_report(snapshot, out)
         mlflow.log_params({"source_uri": data_uri, "classes": ",".join(snapshot.class_names)[:6000]})
-        mlflow.log_metrics({f"images_{k}": v for k, v in snapshot.counts.items()} | {"quarantined": len(snapshot.quarantined)})
+        mlflow.log_metrics(
+            {f"images_{k}": float(v) for k, v in snapshot.counts.items()}
+            | {"quarantined": float(len(snapshot.quarantined))}
+        )
         mlflow.set_tag("adaptflow.data_fingerprint", snapshot.fingerprint)
         mlflow.log_artifact(str(out / "quarantine.csv"))
         mlflow.log_artifact(str(out / Snapshot.FILE))
@@ -122,27 +138,41 @@ def _log_candidate(candidate: Candidate, out: Path) -> None:
 
     mlflow.log_metrics({k: float(v) for k, v in candidate.metrics.items()})
     cost = candidate.cost
-    mlflow.log_metrics({
-        "wall_seconds": cost.wall_seconds,
-        "trainable_params": cost.trainable_params,
-        "total_params": cost.total_params,
-        "epochs_run": cost.epochs_run,
-        "backbone_forward_images": cost.backbone_forward_images,
-        **({"train_images_per_second": cost.train_images_per_second} if cost.train_images_per_second else {}),
-        **({"peak_memory_mb": cost.peak_memory_mb} if cost.peak_memory_mb else {}),
-    })
+    mlflow.log_metrics(
+        {
+            "wall_seconds": cost.wall_seconds,
+            "trainable_params": cost.trainable_params,
+            "total_params": cost.total_params,
+            "epochs_run": cost.epochs_run,
+            "backbone_forward_images": cost.backbone_forward_images,
+            **(
+                {"train_images_per_second": cost.train_images_per_second}
+                if cost.train_images_per_second
+                else {}
+            ),
+            **({"peak_memory_mb": cost.peak_memory_mb} if cost.peak_memory_mb else {}),
+        }
+    )
     for h in candidate.history:
         mlflow.log_metrics(
-            {"epoch_train_loss": h.train_loss, "epoch_train_accuracy": h.train_accuracy,
-             "epoch_val_loss": h.val_loss, "epoch_val_accuracy": h.val_accuracy},
+            {
+                "epoch_train_loss": h.train_loss,
+                "epoch_train_accuracy": h.train_accuracy,
+                "epoch_val_loss": h.val_loss,
+                "epoch_val_accuracy": h.val_accuracy,
+            },
             step=h.epoch,
         )
     if candidate.history:
-        mlflow.log_artifact(str(learning_curves_png(candidate.history, candidate.name, out / "learning_curves.png")))
+        mlflow.log_artifact(
+            str(learning_curves_png(candidate.history, candidate.name, out / "learning_curves.png"))
+        )
 
 
 @reports_errors("baseline")
-def baseline_step(snapshot_dir: str, config_json: str, parent_run_id: str, fingerprint: str, out_dir: str) -> BaselineOutputs:
+def baseline_step(
+    snapshot_dir: str, config_json: str, parent_run_id: str, fingerprint: str, out_dir: str
+) -> BaselineOutputs:
     import mlflow
 
     from adaptflow.models.weights import resolve_weights
@@ -157,13 +187,26 @@ def baseline_step(snapshot_dir: str, config_json: str, parent_run_id: str, finge
         weights = resolve_weights(settings.backbone, _workdir_path(settings, "cache", "weights"))
         cache_dir = Path(settings.baseline.feature_cache_dir or _workdir_path(settings, "cache", "features"))
         result = run_baseline(
-            BaselineInputs(snapshot, settings.backbone, weights, settings.baseline, settings.finetune, cache_dir, settings.seed),
+            BaselineInputs(
+                snapshot,
+                settings.backbone,
+                weights,
+                settings.baseline,
+                settings.finetune,
+                cache_dir,
+                settings.seed,
+            ),
             out_dir,
         )
         _log_candidate(result.candidate, Path(out_dir))
         decision = result.decision
         mlflow.log_params({f"advisor.{k}": v for k, v in decision.signals.items()})
-        mlflow.set_tags({"adaptflow.should_finetune": str(decision.should_finetune), "adaptflow.advisor_reason": decision.reason[:4900]})
+        mlflow.set_tags(
+            {
+                "adaptflow.should_finetune": str(decision.should_finetune),
+                "adaptflow.advisor_reason": decision.reason[:4900],
+            }
+        )
         mlflow.log_dict(decision.model_dump(mode="json"), "advisor.json")
     client = mlflow.MlflowClient(ctx.tracking_uri)
     client.set_tag(ctx.parent_run_id, "adaptflow.advisor_reason", decision.reason[:4900])
@@ -171,19 +214,28 @@ def baseline_step(snapshot_dir: str, config_json: str, parent_run_id: str, finge
 
 
 @reports_errors("finetune")
-def finetune_step(snapshot_dir: str, baseline_dir: str, config_json: str, parent_run_id: str, fingerprint: str, out_dir: str) -> None:
+def finetune_step(
+    snapshot_dir: str, baseline_dir: str, config_json: str, parent_run_id: str, fingerprint: str, out_dir: str
+) -> None:
     import mlflow
 
     from adaptflow.training.finetune import FinetuneInputs, run_finetune
 
     settings = _settings(config_json)
     ctx = _context(settings, parent_run_id)
-    with stage_run(ctx, "finetune", {"adaptflow.data_fingerprint": fingerprint, "adaptflow.strategy": settings.finetune.strategy}):
+    with stage_run(
+        ctx,
+        "finetune",
+        {"adaptflow.data_fingerprint": fingerprint, "adaptflow.strategy": settings.finetune.strategy},
+    ):
         mlflow.log_params(flat_params("finetune", settings.finetune.model_dump(mode="json")))
         candidate = run_finetune(
             FinetuneInputs(
-                Snapshot.load(snapshot_dir), BaselineResult.load(baseline_dir),
-                Path(baseline_dir) / "candidate", settings.finetune, settings.seed,
+                Snapshot.load(snapshot_dir),
+                BaselineResult.load(baseline_dir),
+                Path(baseline_dir) / "candidate",
+                settings.finetune,
+                settings.seed,
             ),
             out_dir,
         )
@@ -217,7 +269,13 @@ class EvaluateOutputs(NamedTuple):
 
 @reports_errors("evaluate")
 def evaluate_step(
-    snapshot_dir: str, baseline_dir: str, selected_dir: str, config_json: str, parent_run_id: str, fingerprint: str, out_dir: str
+    snapshot_dir: str,
+    baseline_dir: str,
+    selected_dir: str,
+    config_json: str,
+    parent_run_id: str,
+    fingerprint: str,
+    out_dir: str,
 ) -> EvaluateOutputs:
     import mlflow
 
@@ -238,21 +296,38 @@ def evaluate_step(
             path = download_onnx(ref.uri, out / "champion")
             champion = ChampionModel(ref, load_onnx_classifier(path))
         evaluation, _ = evaluate(
-            snapshot, _candidate_dirs(baseline_dir, selected_dir), champion, settings.evaluate,
+            snapshot,
+            _candidate_dirs(baseline_dir, selected_dir),
+            champion,
+            settings.evaluate,
             champion_note=None if ref else "no champion registered yet",
         )
         evaluation.save(out)
         shutil.rmtree(out / "champion", ignore_errors=True)
         for s in evaluation.scores:
-            mlflow.log_metrics({f"{s.name}.test_accuracy": s.accuracy, f"{s.name}.test_macro_f1": s.macro_f1,
-                                f"{s.name}.test_accuracy_ci_low": s.accuracy_ci95[0],
-                                f"{s.name}.test_accuracy_ci_high": s.accuracy_ci95[1]})
-            png = confusion_matrix_png(s.confusion_matrix, snapshot.class_names,
-                                       f"{s.name}: accuracy {s.accuracy:.3f}", out / f"confusion_{s.name}.png")
+            mlflow.log_metrics(
+                {
+                    f"{s.name}.test_accuracy": s.accuracy,
+                    f"{s.name}.test_macro_f1": s.macro_f1,
+                    f"{s.name}.test_accuracy_ci_low": s.accuracy_ci95[0],
+                    f"{s.name}.test_accuracy_ci_high": s.accuracy_ci95[1],
+                }
+            )
+            png = confusion_matrix_png(
+                s.confusion_matrix,
+                snapshot.class_names,
+                f"{s.name}: accuracy {s.accuracy:.3f}",
+                out / f"confusion_{s.name}.png",
+            )
             mlflow.log_artifact(str(png), "confusion_matrices")
         if evaluation.mcnemar_p_value is not None:
             mlflow.log_metric("mcnemar_p_value", evaluation.mcnemar_p_value)
-        mlflow.set_tags({"adaptflow.winner": evaluation.winner, "adaptflow.winner_reason": evaluation.winner_reason[:4900]})
+        mlflow.set_tags(
+            {
+                "adaptflow.winner": evaluation.winner,
+                "adaptflow.winner_reason": evaluation.winner_reason[:4900],
+            }
+        )
         mlflow.log_artifact(str(out / Evaluation.FILE))
     best = evaluation.score(evaluation.winner)
     return EvaluateOutputs(evaluation.winner, best.accuracy, json.dumps(best.confusion_matrix))
@@ -264,7 +339,14 @@ class ExportOutputs(NamedTuple):
 
 
 @reports_errors("export")
-def export_step(evaluation_dir: str, baseline_dir: str, selected_dir: str, config_json: str, parent_run_id: str, out_dir: str) -> ExportOutputs:
+def export_step(
+    evaluation_dir: str,
+    baseline_dir: str,
+    selected_dir: str,
+    config_json: str,
+    parent_run_id: str,
+    out_dir: str,
+) -> ExportOutputs:
     import mlflow
 
     from adaptflow.export import export_onnx
@@ -275,9 +357,15 @@ def export_step(evaluation_dir: str, baseline_dir: str, selected_dir: str, confi
     with stage_run(ctx, "export", {"adaptflow.candidate": evaluation.winner}):
         mlflow.log_params(flat_params("export", settings.export.model_dump(mode="json")))
         result = export_onnx(_winner_dir(evaluation, baseline_dir, selected_dir), settings.export, out_dir)
-        mlflow.log_metrics({"max_abs_diff": result.max_abs_diff, "latency_ms_p50": result.latency_ms_p50,
-                            "latency_ms_p95": result.latency_ms_p95, "onnx_size_bytes": result.size_bytes,
-                            **{f"parity_batch_{k}": v for k, v in result.parity.items()}})
+        mlflow.log_metrics(
+            {
+                "max_abs_diff": result.max_abs_diff,
+                "latency_ms_p50": result.latency_ms_p50,
+                "latency_ms_p95": result.latency_ms_p95,
+                "onnx_size_bytes": result.size_bytes,
+                **{f"parity_batch_{k}": v for k, v in result.parity.items()},
+            }
+        )
         mlflow.log_artifact(str(Path(out_dir) / ExportResult.FILE))
     return ExportOutputs(result.max_abs_diff, result.latency_ms_p50)
 
@@ -289,13 +377,19 @@ class RegisterOutputs(NamedTuple):
 
 @reports_errors("register")
 def register_step(
-    snapshot_dir: str, baseline_dir: str, selected_dir: str, evaluation_dir: str, export_dir: str,
-    config_json: str, parent_run_id: str, out_dir: str,
+    snapshot_dir: str,
+    baseline_dir: str,
+    selected_dir: str,
+    evaluation_dir: str,
+    export_dir: str,
+    config_json: str,
+    parent_run_id: str,
+    out_dir: str,
 ) -> RegisterOutputs:
     import mlflow
 
-    from adaptflow.evaluation import predict_onnx, score
     from adaptflow.data.images import ImageStore
+    from adaptflow.evaluation import predict_onnx, score
     from adaptflow.onnx_model import load_onnx_classifier
     from adaptflow.publish import publish_model
     from adaptflow.registry import PromotionInputs, download_onnx, lease_for, promote_under_lease
@@ -314,7 +408,14 @@ def register_step(
     try:
         with stage_run(ctx, "register", {"adaptflow.candidate": winner.name}) as run:
             version = publish_model(
-                Path(export_dir) / ExportResult.ONNX, winner, snapshot, evaluation, export, settings, ctx, run.info.run_id
+                Path(export_dir) / ExportResult.ONNX,
+                winner,
+                snapshot,
+                evaluation,
+                export,
+                settings,
+                ctx,
+                run.info.run_id,
             )
             store = ImageStore()
 
@@ -327,23 +428,53 @@ def register_step(
 
                     y = np.array([index[e.label] for e in test])
                     remap = np.array([index[c] for c in model.class_names])
-                    return score("champion", "champion", y, remap[predict_onnx(model, test, store, 256)],
-                                 snapshot.class_names, settings.evaluate, ref.version)
+                    return score(
+                        "champion",
+                        "champion",
+                        y,
+                        remap[predict_onnx(model, test, store, 256)],
+                        snapshot.class_names,
+                        settings.evaluate,
+                        ref.version,
+                    )
 
             experiment = mlflow.MlflowClient(ctx.tracking_uri).get_experiment(ctx.experiment_id)
             lease = lease_for(name, experiment.artifact_location, settings.workdir, settings.registry)
             decision, before, after = promote_under_lease(
-                PromotionInputs(ctx.tracking_uri, name, version, evaluation.score(winner.name), evaluation, export,
-                                settings.gate, {"pipeline": ctx.parent_run_id, "register": run.info.run_id}),
-                lease, rescore,
+                PromotionInputs(
+                    ctx.tracking_uri,
+                    name,
+                    version,
+                    evaluation.score(winner.name),
+                    evaluation,
+                    export,
+                    settings.gate,
+                    {"pipeline": ctx.parent_run_id, "register": run.info.run_id},
+                ),
+                lease,
+                rescore,
             )
             client = mlflow.MlflowClient(ctx.tracking_uri)
-            client.set_model_version_tag(name, version, "adaptflow.gate.decision", "promoted" if decision.promote else "rejected")
-            client.set_model_version_tag(name, version, "adaptflow.gate.reasons", "; ".join(decision.reasons)[:4900])
-            mlflow.set_tags({"adaptflow.promoted": str(decision.promote), "adaptflow.gate.reasons": "; ".join(decision.reasons)[:4900]})
+            client.set_model_version_tag(
+                name, version, "adaptflow.gate.decision", "promoted" if decision.promote else "rejected"
+            )
+            client.set_model_version_tag(
+                name, version, "adaptflow.gate.reasons", "; ".join(decision.reasons)[:4900]
+            )
+            mlflow.set_tags(
+                {
+                    "adaptflow.promoted": str(decision.promote),
+                    "adaptflow.gate.reasons": "; ".join(decision.reasons)[:4900],
+                }
+            )
             registration = Registration(
-                model_name=name, version=version, model_uri=f"models:/{name}/{version}", champion_before=before,
-                champion_after=after, promoted=decision.promote, gate=decision,
+                model_name=name,
+                version=version,
+                model_uri=f"models:/{name}/{version}",
+                champion_before=before,
+                champion_after=after,
+                promoted=decision.promote,
+                gate=decision,
             )
             registration.save(out_dir)
             summary = build_summary(snapshot, baseline, selected, evaluation, export, registration, ctx)
@@ -353,5 +484,7 @@ def register_step(
     except BaseException:
         finish_pipeline_run(ctx, "FAILED")
         raise
-    log.info("register: %s v%s %s", name, version, "promoted to champion" if decision.promote else "not promoted")
+    log.info(
+        "register: %s v%s %s", name, version, "promoted to champion" if decision.promote else "not promoted"
+    )
     return RegisterOutputs(version, decision.promote)

@@ -63,7 +63,9 @@ def s3_client(endpoint_url: str | None = None, max_attempts: int = 8) -> Any:
     from botocore.config import Config
 
     endpoint = endpoint_url or os.environ.get(S3_ENDPOINT_ENV) or None
-    config = Config(retries={"max_attempts": max_attempts, "mode": "adaptive"}, connect_timeout=10, read_timeout=60)
+    config = Config(
+        retries={"max_attempts": max_attempts, "mode": "adaptive"}, connect_timeout=10, read_timeout=60
+    )
     return boto3.client("s3", endpoint_url=endpoint, config=config)
 
 
@@ -83,7 +85,9 @@ def iter_s3_objects(prefix_uri: str, max_attempts: int = 8) -> Iterator[ObjectIn
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", ()):
-                yield ObjectInfo(f"s3://{bucket}/{item['Key']}", int(item["Size"]), item.get("ETag", "").strip('"'))
+                yield ObjectInfo(
+                    f"s3://{bucket}/{item['Key']}", int(item["Size"]), item.get("ETag", "").strip('"')
+                )
     except Exception as error:  # botocore raises many types; all mean the same to the user
         raise _s3_error(prefix_uri, error) from error
 
@@ -107,11 +111,13 @@ def read_bytes(uri: str, *, timeout: float = 60.0, max_attempts: int = 8) -> byt
         return body
     if is_http(uri):
         try:
-            with urllib.request.urlopen(uri, timeout=timeout) as response:  # noqa: S310 (scheme checked)
+            with urllib.request.urlopen(uri, timeout=timeout) as response:
                 data: bytes = response.read()
                 return data
         except (urllib.error.URLError, OSError) as error:
-            raise StoreError(f"cannot download {uri}: {error}", hint="check the URL and the network") from error
+            raise StoreError(
+                f"cannot download {uri}: {error}", hint="check the URL and the network"
+            ) from error
     path = local_path(uri)
     try:
         return path.read_bytes()
@@ -130,11 +136,13 @@ def download_to(uri: str, dest: Path, *, timeout: float = 60.0) -> None:
         return
     if is_http(uri):
         try:
-            with urllib.request.urlopen(uri, timeout=timeout) as response, open(dest, "wb") as out:  # noqa: S310
+            with urllib.request.urlopen(uri, timeout=timeout) as response, open(dest, "wb") as out:
                 while block := response.read(1 << 20):
                     out.write(block)
         except (urllib.error.URLError, OSError) as error:
-            raise StoreError(f"cannot download {uri}: {error}", hint="check the URL and the network") from error
+            raise StoreError(
+                f"cannot download {uri}: {error}", hint="check the URL and the network"
+            ) from error
         return
     src = local_path(uri)
     if not src.is_file():

@@ -9,8 +9,13 @@ from adaptflow.tracking import TrackingContext
 
 
 def build_summary(
-    snapshot: Snapshot, baseline: BaselineResult, selected: Candidate, evaluation: Evaluation,
-    export: ExportResult, registration: Registration, ctx: TrackingContext,
+    snapshot: Snapshot,
+    baseline: BaselineResult,
+    selected: Candidate,
+    evaluation: Evaluation,
+    export: ExportResult,
+    registration: Registration,
+    ctx: TrackingContext,
 ) -> dict[str, Any]:
     ran = baseline.decision.should_finetune and selected.name != "baseline"
     champion = evaluation.champion_score()
@@ -29,7 +34,8 @@ def build_summary(
             "quarantined": [q.model_dump() for q in snapshot.quarantined],
         },
         "baseline": {
-            "metrics": test_metrics("baseline") | {"val_accuracy": baseline.candidate.metrics["val_accuracy"]},
+            "metrics": test_metrics("baseline")
+            | {"val_accuracy": baseline.candidate.metrics["val_accuracy"]},
             "cost": baseline.candidate.cost.model_dump(),
         },
         "advisor": {
@@ -41,7 +47,9 @@ def build_summary(
             "ran": ran,
             "strategy": selected.strategy if ran else None,
             "reason": baseline.decision.reason,
-            "metrics": (test_metrics(selected.name) | {"val_accuracy": selected.metrics["val_accuracy"]}) if ran else None,
+            "metrics": (test_metrics(selected.name) | {"val_accuracy": selected.metrics["val_accuracy"]})
+            if ran
+            else None,
             "cost": selected.cost.model_dump() if ran else None,
         },
         "winner": evaluation.winner,

@@ -33,14 +33,18 @@ def embedded_tracking_uri(workdir: str | Path) -> str:
 
 def resolve_tracking_uri(settings: Settings, env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
-    return settings.tracking.tracking_uri or env.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri(settings.workdir)
+    return (
+        settings.tracking.tracking_uri
+        or env.get("MLFLOW_TRACKING_URI")
+        or embedded_tracking_uri(settings.workdir)
+    )
 
 
 def check_tracking_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fails fast, with a hint, when the tracking store cannot be used."""
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:  # noqa: S310
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError) as error:
@@ -130,7 +134,9 @@ def start_pipeline_run(
         run_id = injected_run
         log.info("tracking: nesting under the injected MLflow run %s", run_id)
     else:
-        run = client.create_run(experiment_id, run_name=run_name, tags={"mlflow.source.git.commit": git_commit()})
+        run = client.create_run(
+            experiment_id, run_name=run_name, tags={"mlflow.source.git.commit": git_commit()}
+        )
         run_id = run.info.run_id
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
@@ -178,7 +184,9 @@ def stage_timings(tracking_uri: str, parent_run_id: str) -> dict[str, float]:
     client = MlflowClient(tracking_uri)
     parent = client.get_run(parent_run_id)
     runs = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=100
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        max_results=100,
     )
     timed = sorted((r.info.start_time, r.info.run_name, r.info.end_time) for r in runs if r.info.end_time)
     return {name: round((end - start) / 1000.0, 2) for start, name, end in timed}

@@ -94,7 +94,7 @@ def _scan_manifest(path: Path) -> tuple[list[SourceItem], list[str]]:
         if not uri or not label:
             raise DataError(
                 f"{path}: row {number} needs a 'uri' (or 'path') and a 'label'",
-                hint="manifest columns: uri,label (CSV header) or {\"uri\": ..., \"label\": ...} per JSONL line",
+                hint='manifest columns: uri,label (CSV header) or {"uri": ..., "label": ...} per JSONL line',
             )
         if not is_s3(uri) and not uri.startswith(("http://", "https://")):
             candidate = local_path(uri)
@@ -165,9 +165,13 @@ def _check(item: SourceItem, cfg: IngestConfig) -> _Checked:
 def ingest(source_uri: str, cfg: IngestConfig) -> Snapshot:
     """Validates, de-duplicates, splits and fingerprints the images at ``source_uri``."""
     items, declared_classes = scan_source(source_uri, cfg)
-    log.info("ingest: %d candidate files in %d classes from %s", len(items), len(declared_classes), source_uri)
+    log.info(
+        "ingest: %d candidate files in %d classes from %s", len(items), len(declared_classes), source_uri
+    )
     with ThreadPoolExecutor(max_workers=cfg.download_workers) as pool:
-        checked = list(track(pool.map(lambda it: _check(it, cfg), items), total=len(items), description="ingest"))
+        checked = list(
+            track(pool.map(lambda it: _check(it, cfg), items), total=len(items), description="ingest")
+        )
 
     quarantined: list[QuarantineEntry] = []
     by_sha: dict[str, list[_Checked]] = {}
@@ -189,7 +193,9 @@ def ingest(source_uri: str, cfg: IngestConfig) -> Snapshot:
             continue
         keep, *dupes = sorted(copies, key=lambda c: c.item.uri)
         for d in dupes:
-            quarantined.append(QuarantineEntry(uri=d.item.uri, reason=f"duplicate content of {keep.item.uri}"))
+            quarantined.append(
+                QuarantineEntry(uri=d.item.uri, reason=f"duplicate content of {keep.item.uri}")
+            )
         assert keep.size is not None
         entries.append(
             ManifestEntry(
@@ -222,7 +228,9 @@ def ingest(source_uri: str, cfg: IngestConfig) -> Snapshot:
     for split in ("train", "test"):
         missing = [c for c, n in class_counts[split].items() if n == 0]
         if missing:
-            log.warning("ingest: classes %s have no %s images; metrics for them will be undefined", missing, split)
+            log.warning(
+                "ingest: classes %s have no %s images; metrics for them will be undefined", missing, split
+            )
     snapshot = Snapshot(
         source_uri=source_uri,
         class_names=tuple(declared_classes),

@@ -28,13 +28,17 @@ class BackboneDef:
     blocks: Callable[[nn.Module], list[nn.Module]]
 
 
+def _child(m: nn.Module, name: str) -> nn.Module:
+    return m.get_submodule(name)
+
+
 def _resnet_blocks(m: nn.Module) -> list[nn.Module]:
-    stem = nn.ModuleList([m.conv1, m.bn1])
-    return [stem, m.layer1, m.layer2, m.layer3, m.layer4]
+    stem = nn.ModuleList([_child(m, "conv1"), _child(m, "bn1")])
+    return [stem, *(_child(m, f"layer{i}") for i in range(1, 5))]
 
 
 def _features_blocks(m: nn.Module) -> list[nn.Module]:
-    return list(m.features.children())
+    return list(_child(m, "features").children())
 
 
 BACKBONES: dict[str, BackboneDef] = {}

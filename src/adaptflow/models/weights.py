@@ -186,12 +186,12 @@ def _override(pre: Preprocessing, spec: BackboneSpec) -> Preprocessing:
     if spec.input_size is None or spec.input_size == pre.input_size:
         return pre
     ratio = pre.resize_size / pre.input_size
-    return pre.model_copy(update={"input_size": spec.input_size, "resize_size": round(spec.input_size * ratio)})
+    return pre.model_copy(
+        update={"input_size": spec.input_size, "resize_size": round(spec.input_size * ratio)}
+    )
 
 
-def save_weights_file(
-    state: dict[str, torch.Tensor], path: Path, meta: dict[str, Any]
-) -> str:
+def save_weights_file(state: dict[str, torch.Tensor], path: Path, meta: dict[str, Any]) -> str:
     """Writes a safetensors (metadata in the header) or .pth state dict; returns its sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")

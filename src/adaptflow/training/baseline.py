@@ -79,7 +79,9 @@ def measure_train_throughput(
     return len(entries) / max(elapsed, 1e-6)
 
 
-def run_baseline(inputs: BaselineInputs, out_dir: str | Path, store: ImageStore | None = None) -> BaselineResult:
+def run_baseline(
+    inputs: BaselineInputs, out_dir: str | Path, store: ImageStore | None = None
+) -> BaselineResult:
     start = time.perf_counter()
     seed_everything(inputs.seed)
     snapshot, cfg = inputs.snapshot, inputs.cfg
@@ -95,7 +97,9 @@ def run_baseline(inputs: BaselineInputs, out_dir: str | Path, store: ImageStore 
     model.to(device)
 
     pre = inputs.weights.preprocessing
-    cache = FeatureCache(inputs.feature_cache_dir, cache_namespace(inputs.spec.name, inputs.weights.sha256, pre))
+    cache = FeatureCache(
+        inputs.feature_cache_dir, cache_namespace(inputs.spec.name, inputs.weights.sha256, pre)
+    )
     train, val = snapshot.split("train"), snapshot.split("val")
     feats = extract_features(model, train + val, pre, cache, store, device, cfg.feature_batch_size)
     x_train = torch.from_numpy(feats.features[: len(train)])
@@ -105,12 +109,20 @@ def run_baseline(inputs: BaselineInputs, out_dir: str | Path, store: ImageStore 
 
     head = nn.Linear(model.feature_dim, len(classes))
     generator = torch.Generator().manual_seed(inputs.seed)
-    train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=cfg.batch_size, shuffle=True, generator=generator)
+    train_loader = DataLoader(
+        TensorDataset(x_train, y_train), batch_size=cfg.batch_size, shuffle=True, generator=generator
+    )
     val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=1024)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loop = fit(
-        head, train_loader, val_loader, optimizer,
-        epochs=cfg.epochs, patience=cfg.patience, device=torch.device("cpu"), label="baseline head",
+        head,
+        train_loader,
+        val_loader,
+        optimizer,
+        epochs=cfg.epochs,
+        patience=cfg.patience,
+        device=torch.device("cpu"),
+        label="baseline head",
     )
     model.head.load_state_dict(head.state_dict())
     best = loop.history[loop.best_epoch - 1]

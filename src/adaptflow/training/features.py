@@ -104,5 +104,7 @@ def extract_features(
             out[entry.sha256] = vector
     features = np.stack([out[e.sha256] for e in entries]).astype(np.float32) if entries else np.zeros((0, 0))
     rate = len(missing) / seconds if missing and seconds > 0 else None
-    log.info("features: %d computed, %d from cache (%s)", len(missing), len(entries) - len(missing), cache.dir)
+    log.info(
+        "features: %d computed, %d from cache (%s)", len(missing), len(entries) - len(missing), cache.dir
+    )
     return FeatureBatch(features, len(missing), len(entries) - len(missing), rate)

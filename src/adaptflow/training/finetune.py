@@ -46,21 +46,41 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     pre, classes = base.preprocessing, base.class_names
     train_loader = make_loader(
-        snapshot.split("train"), classes, train_transform(pre) if cfg.augment else eval_transform(pre), store,
-        batch_size=cfg.batch_size, shuffle=True, seed=inputs.seed, num_workers=cfg.num_workers,
+        snapshot.split("train"),
+        classes,
+        train_transform(pre) if cfg.augment else eval_transform(pre),
+        store,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        seed=inputs.seed,
+        num_workers=cfg.num_workers,
     )
     val_loader = make_loader(
-        snapshot.split("val"), classes, eval_transform(pre), store, batch_size=256, shuffle=False,
+        snapshot.split("val"),
+        classes,
+        eval_transform(pre),
+        store,
+        batch_size=256,
+        shuffle=False,
         num_workers=cfg.num_workers,
     )
     optimizer = torch.optim.AdamW(plan.param_groups, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     trainable, total = count_parameters(model)
     loop = fit(
-        model, train_loader, val_loader, optimizer,
-        epochs=cfg.epochs, patience=cfg.patience, device=device, amp=cfg.amp, channels_last=channels_last,
-        scheduler=scheduler, on_epoch_start=plan.on_epoch_start,
-        train_mode=freeze_batchnorm if cfg.freeze_bn else None, label=f"finetune-{cfg.strategy}",
+        model,
+        train_loader,
+        val_loader,
+        optimizer,
+        epochs=cfg.epochs,
+        patience=cfg.patience,
+        device=device,
+        amp=cfg.amp,
+        channels_last=channels_last,
+        scheduler=scheduler,
+        on_epoch_start=plan.on_epoch_start,
+        train_mode=freeze_batchnorm if cfg.freeze_bn else None,
+        label=f"finetune-{cfg.strategy}",
     )
     if plan.finalize is not None:
         plan.finalize()
@@ -98,7 +118,11 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
     save_candidate(candidate, model.cpu(), out_dir)
     log.info(
         "finetune-%s: best val acc %.4f at epoch %d (baseline %.4f), %d trainable params, %.0fs",
-        cfg.strategy, best.val_accuracy, loop.best_epoch, base.metrics["val_accuracy"], trainable,
+        cfg.strategy,
+        best.val_accuracy,
+        loop.best_epoch,
+        base.metrics["val_accuracy"],
+        trainable,
         candidate.cost.wall_seconds,
     )
     return candidate

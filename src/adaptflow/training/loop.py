@@ -111,7 +111,14 @@ def fit(
         history.append(record)
         log.info(
             "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f (%.1fs)",
-            label, epoch, epochs, record.train_loss, record.train_accuracy, val_loss, val_acc, elapsed,
+            label,
+            epoch,
+            epochs,
+            record.train_loss,
+            record.train_accuracy,
+            val_loss,
+            val_acc,
+            elapsed,
         )
         if (val_acc, -val_loss) > (best[0], -best[1]):
             best, best_epoch, stale = (val_acc, val_loss), epoch, 0

@@ -44,7 +44,9 @@ def channel_stats(store: ImageStore, entries: list, size: int) -> tuple[tuple[fl
     """Per-channel mean/std of the training images at the input size."""
     from torchvision.transforms import v2
 
-    to_tensor = v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.ToDtype(torch.float32, scale=True)])
+    to_tensor = v2.Compose(
+        [v2.ToImage(), v2.Resize(size, antialias=True), v2.ToDtype(torch.float32, scale=True)]
+    )
     stack = torch.stack([to_tensor(store.image(e)) for e in entries])
     mean = stack.mean(dim=(0, 2, 3)).tolist()
     std = stack.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
@@ -74,14 +76,23 @@ def pretrain(
     classes = snapshot.class_names
 
     net = build_torchvision(backbone, num_classes=len(classes)).to(dev)
-    loader = make_loader(train, classes, train_transform(pre), store, batch_size=batch_size, shuffle=True, seed=seed)
+    loader = make_loader(
+        train, classes, train_transform(pre), store, batch_size=batch_size, shuffle=True, seed=seed
+    )
     val_loader = make_loader(val, classes, eval_transform(pre), store, batch_size=256, shuffle=False)
     test_loader = make_loader(test, classes, eval_transform(pre), store, batch_size=256, shuffle=False)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     result = fit(
-        net, loader, val_loader, optimizer, epochs=epochs, patience=epochs, device=dev,
-        scheduler=scheduler, label="pretrain",
+        net,
+        loader,
+        val_loader,
+        optimizer,
+        epochs=epochs,
+        patience=epochs,
+        device=dev,
+        scheduler=scheduler,
+        label="pretrain",
     )
     _, test_acc = evaluate_loader(net, test_loader, dev, amp=False)
 
@@ -90,8 +101,14 @@ def pretrain(
     probe.load_backbone_state(net.state_dict())
     probe.eval()
     with torch.inference_mode():
-        feats = torch.cat([probe.features(x) for x, _ in make_loader(
-            train, classes, eval_transform(pre), store, batch_size=256, shuffle=False)]).numpy()
+        feats = torch.cat(
+            [
+                probe.features(x)
+                for x, _ in make_loader(
+                    train, classes, eval_transform(pre), store, batch_size=256, shuffle=False
+                )
+            ]
+        ).numpy()
     meta: dict[str, object] = {
         "architecture": backbone,
         "preprocessing": pre.model_dump(mode="json"),
@@ -106,8 +123,19 @@ def pretrain(
     }
     out = Path(out_file)
     sha = save_weights_file(net.state_dict(), out, meta)
-    sidecar = {"file": out.name, "sha256": sha, **{k: v for k, v in meta.items() if not k.startswith("feature_")}}
+    sidecar = {
+        "file": out.name,
+        "sha256": sha,
+        **{k: v for k, v in meta.items() if not k.startswith("feature_")},
+    }
     out.with_name(out.name + ".json").write_text(json.dumps(sidecar, indent=2))
     seconds = time.perf_counter() - start
-    log.info("pretrain: %s val acc %.4f test acc %.4f sha256 %s (%.0fs)", out, result.best_val_accuracy, test_acc, sha[:12], seconds)
+    log.info(
+        "pretrain: %s val acc %.4f test acc %.4f sha256 %s (%.0fs)",
+        out,
+        result.best_val_accuracy,
+        test_acc,
+        sha[:12],
+        seconds,
+    )
     return PretrainResult(out, sha, result.best_val_accuracy, test_acc, seconds, meta)

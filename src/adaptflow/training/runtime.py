@@ -18,7 +18,9 @@ def pick_device(requested: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         from adaptflow.errors import ConfigError
 
-        raise ConfigError(f"device {requested!r} requested but CUDA is not available", hint="use device=auto or cpu")
+        raise ConfigError(
+            f"device {requested!r} requested but CUDA is not available", hint="use device=auto or cpu"
+        )
     return device
 
 

@@ -87,7 +87,8 @@ def _plan_lora(model: Classifier, cfg: FinetuneConfig) -> StrategyPlan:
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = sorted(
-        name for name, module in model.backbone.named_modules()
+        name
+        for name, module in model.backbone.named_modules()
         if isinstance(module, (nn.Conv2d, nn.Linear)) and name and _lora_supported(module)
     )
     config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets, lora_dropout=0.0)
