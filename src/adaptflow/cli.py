@@ -281,7 +281,7 @@ def predict(
 
     settings, uri = _tracking_uri(config, overrides or [])
     mlflow.set_tracking_uri(uri)
-    classifier = load_model(model or f"models:/{settings.registry.model_name}@champion")
+    classifier = load_model(model or f"models:/{settings.registry.model_name}@champion", uri)
     rows = [p.__dict__ for p in predict_files(classifier, expand_paths(paths))]
     fmt = "json" if as_json else output_format
     if fmt == "json":

@@ -39,12 +39,12 @@ def expand_paths(paths: list[str]) -> list[Path]:
     return files
 
 
-def load_model(model_uri: str) -> OnnxClassifier:
+def load_model(model_uri: str, tracking_uri: str | None = None) -> OnnxClassifier:
     """``models:/NAME@alias``, ``models:/NAME/VERSION`` or a local .onnx file."""
     if model_uri.endswith(".onnx") and Path(model_uri).is_file():
         return load_onnx_classifier(model_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        return load_onnx_classifier(download_onnx(model_uri, tmp))
+        return load_onnx_classifier(download_onnx(model_uri, tmp, tracking_uri))
 
 
 def predict_files(model: OnnxClassifier, files: list[Path], batch_size: int = 64) -> list[Prediction]:

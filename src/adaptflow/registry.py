@@ -58,12 +58,16 @@ def get_champion(tracking_uri: str, model_name: str, alias: str = CHAMPION) -> C
     )
 
 
-def download_onnx(model_uri: str, dest: str | Path) -> Path:
+def download_onnx(model_uri: str, dest: str | Path, tracking_uri: str | None = None) -> Path:
     """Downloads a registered ONNX model (any models:/ URI) and returns the .onnx file."""
     import mlflow
 
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest)))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=model_uri, dst_path=str(dest), tracking_uri=tracking_uri
+            )
+        )
     except Exception as error:
         raise StoreError(
             f"cannot fetch {model_uri}: {error}",
@@ -178,7 +182,9 @@ def read_audit(tracking_uri: str, model_name: str) -> list[dict[str, Any]]:
     if not run_id:
         return []
     with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=AUDIT_FILE, dst_path=tmp)
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=AUDIT_FILE, dst_path=tmp, tracking_uri=tracking_uri
+        )
         return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 

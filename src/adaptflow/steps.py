@@ -293,7 +293,7 @@ def evaluate_step(
         ref = get_champion(ctx.tracking_uri, settings.registry.model_name)
         champion = None
         if ref is not None:
-            path = download_onnx(ref.uri, out / "champion")
+            path = download_onnx(ref.uri, out / "champion", ctx.tracking_uri)
             champion = ChampionModel(ref, load_onnx_classifier(path))
         evaluation, _ = evaluate(
             snapshot,
@@ -421,7 +421,7 @@ def register_step(
 
             def rescore(ref: Any) -> Any:
                 with tempfile.TemporaryDirectory() as tmp:
-                    model = load_onnx_classifier(download_onnx(ref.uri, tmp))
+                    model = load_onnx_classifier(download_onnx(ref.uri, tmp, ctx.tracking_uri))
                     test = snapshot.split("test")
                     index = {c: i for i, c in enumerate(snapshot.class_names)}
                     import numpy as np

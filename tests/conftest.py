@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny demo data and a tiny pretrained backbone, made once per session on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# Tests never touch a developer's real tracking server or S3 endpoint.
+for _var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "ADAPTFLOW_S3_ENDPOINT_URL"):
+    os.environ.pop(_var, None)
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@dataclass(frozen=True)
+class TinyAssets:
+    root: Path
+    source: Path
+    target: Path
+    target_shifted: Path
+    weights: Path
+    sha256: str
+
+    @property
+    def weights_uri(self) -> str:
+        return self.weights.as_uri()
+
+    def overrides(self, workdir: Path) -> list[str]:
+        """Settings for fast CPU runs on the tiny demo set."""
+        return [
+            f"workdir={workdir}",
+            f"backbone.weights_uri={self.weights_uri}",
+            f"backbone.sha256={self.sha256}",
+            "baseline.epochs=40",
+            "baseline.patience=10",
+            "finetune.epochs=2",
+            "finetune.patience=2",
+            "export.latency_runs=3",
+            "evaluate.bootstrap_samples=200",
+            "gate.min_accuracy=0.3",
+        ]
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
+    from adaptflow.data.demo import write_demo_data
+    from adaptflow.training.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("tiny-demo")
+    data = write_demo_data(root / "data", size=32, limit_per_class=40)
+    weights = root / "backbone" / "resnet18-tiny.safetensors"
+    result = pretrain(data.source, "resnet18", weights, epochs=2, input_size=32)
+    sidecar = json.loads(weights.with_name(weights.name + ".json").read_text())
+    assert sidecar["sha256"] == result.sha256
+    return TinyAssets(root, data.source, data.target, data.target_shifted, weights, result.sha256)
+
+
+@pytest.fixture()
+def tiny_settings(tiny_assets: TinyAssets, tmp_path: Path):  # type: ignore[no-untyped-def]
+    from adaptflow.config import load_settings
+
+    return load_settings(overrides=tiny_assets.overrides(tmp_path / "work"))

@@ -1,0 +1,237 @@
+"""The whole DAG through kfp.local, driven by the real CLI, checked from the outside."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+ADAPTFLOW = [sys.executable, "-m", "adaptflow.cli"]
+
+
+def adaptflow(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "ADAPTFLOW_"))}
+    result = subprocess.run(
+        [*ADAPTFLOW, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"adaptflow {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_assets, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Two runs on the same data (one corrupt and one empty file added): first promotes, second must not."""
+    work = tmp_path_factory.mktemp("pipeline")
+    data = work / "data"
+    shutil.copytree(tiny_assets.target, data)
+    good = next((data / "5").glob("*.png")).read_bytes()
+    (data / "5" / "corrupt.png").write_bytes(good[:40])
+    (data / "6" / "zero.png").write_bytes(b"")
+    overrides = [
+        *tiny_assets.overrides(work / "state"),
+        "baseline.advisor.force=true",
+        "finetune.strategy=partial",
+    ]
+    runs = [
+        json.loads(adaptflow("run", "--data", str(data), *sets(overrides), "--json", cwd=work).stdout)
+        for _ in range(2)
+    ]
+    return work, data, overrides, runs
+
+
+def test_first_run_registers_and_promotes(two_runs) -> None:  # type: ignore[no-untyped-def]
+    work, data, overrides, (first, _) = two_runs
+    assert first["dataset"]["fingerprint"] and len(first["dataset"]["fingerprint"]) == 64
+    assert set(first["dataset"]["counts"]) == {"train", "val", "test"}
+    quarantined = {Path(q["uri"]).name for q in first["dataset"]["quarantined"]}
+    assert quarantined == {"corrupt.png", "zero.png"}
+    assert 0 <= first["baseline"]["metrics"]["accuracy"] <= 1
+    assert first["finetune"]["ran"] is True and first["finetune"]["metrics"]["accuracy"] is not None
+    assert "forced" in first["finetune"]["reason"]
+    assert first["champion_before"] is None
+    assert first["registered_version"] == "1" and first["promoted"] is True
+    assert any("absolute thresholds" in r or "no champion" in r for r in first["gate"]["reasons"])
+    assert first["onnx"]["max_abs_diff"] <= first["onnx"]["tolerance"]
+    assert first["mlflow"]["tracking_uri"].startswith("sqlite:///")
+    assert set(first["stage_seconds"]) >= {"ingest", "baseline", "finetune", "evaluate", "export", "register"}
+
+
+def test_second_run_on_same_data_does_not_promote_and_says_why(two_runs) -> None:  # type: ignore[no-untyped-def]
+    _, _, _, (first, second) = two_runs
+    assert second["dataset"]["fingerprint"] == first["dataset"]["fingerprint"]
+    assert second["champion_before"] == "1"
+    assert second["registered_version"] == "2"
+    assert second["promoted"] is False
+    assert any("not better than champion v1" in r for r in second["gate"]["reasons"])
+    assert second["champion_before_accuracy"] is not None
+
+
+def test_registry_seen_by_a_separate_client(two_runs) -> None:  # type: ignore[no-untyped-def]
+    from mlflow.tracking import MlflowClient
+
+    _, _, _, (first, second) = two_runs
+    client = MlflowClient(first["mlflow"]["tracking_uri"])
+    name = first["mlflow"]["model_name"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
+    v1, v2 = client.get_model_version(name, "1"), client.get_model_version(name, "2")
+    for mv in (v1, v2):
+        assert mv.tags["adaptflow.data_fingerprint"] == first["dataset"]["fingerprint"]
+        assert mv.tags["adaptflow.strategy"] in {"transfer", "partial"}
+        assert mv.tags["adaptflow.git_commit"]
+        assert mv.tags["adaptflow.pipeline_run_id"] in {first["mlflow"]["run_id"], second["mlflow"]["run_id"]}
+        assert mv.tags["adaptflow.kfp.run_id"].startswith("local-")
+        assert float(mv.tags["adaptflow.metrics.test_accuracy"]) >= 0
+    assert v1.tags["adaptflow.gate.decision"] == "promoted"
+    assert v2.tags["adaptflow.gate.decision"] == "rejected"
+    assert "not better than champion" in v2.tags["adaptflow.gate.reasons"]
+    # one parent run per pipeline run, one nested run per stage
+    parent = client.get_run(first["mlflow"]["run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert {c.info.run_name for c in children} == {
+        "ingest",
+        "baseline",
+        "finetune",
+        "evaluate",
+        "export",
+        "register",
+    }
+    evaluate = next(c for c in children if c.info.run_name == "evaluate")
+    artifacts = [a.path for a in client.list_artifacts(evaluate.info.run_id, "confusion_matrices")]
+    assert any(p.endswith(".png") for p in artifacts)
+    baseline = next(c for c in children if c.info.run_name == "baseline")
+    assert "learning_curves.png" in [a.path for a in client.list_artifacts(baseline.info.run_id)]
+    assert "baseline.epochs" in baseline.data.params
+
+
+def test_registered_onnx_classifies_test_images(two_runs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import mlflow
+
+    from adaptflow.config import load_settings
+    from adaptflow.contracts import Snapshot
+    from adaptflow.data.images import load_tensor_batch
+    from adaptflow.data.ingest import ingest
+    from adaptflow.onnx_model import load_onnx_classifier
+    from adaptflow.registry import download_onnx
+
+    work, data, overrides, (first, _) = two_runs
+    mlflow.set_tracking_uri(first["mlflow"]["tracking_uri"])
+    model = load_onnx_classifier(download_onnx(f"models:/{first['mlflow']['model_name']}@champion", tmp_path))
+    snapshot: Snapshot = ingest(str(data), load_settings().ingest)
+    test = snapshot.split("test")
+    logits = model.logits(load_tensor_batch([e.uri for e in test], model.preprocessing).numpy())
+    predicted = [model.class_names[i] for i in np.argmax(logits, axis=1)]
+    accuracy = float(np.mean([p == e.label for p, e in zip(predicted, test, strict=True)]))
+    assert accuracy == pytest.approx(
+        first["finetune"]["metrics"]["accuracy"]
+        if first["winner"] != "baseline"
+        else first["baseline"]["metrics"]["accuracy"],
+        abs=1e-6,
+    )
+
+
+def test_predict_and_history_commands(two_runs) -> None:  # type: ignore[no-untyped-def]
+    work, data, overrides, (first, _) = two_runs
+    state = [f"workdir={work / 'state'}"]
+    out = adaptflow("predict", str(data / "7"), "--json", *sets(state), cwd=work)
+    rows = json.loads(out.stdout)
+    assert len(rows) == len(list((data / "7").glob("*.png")))
+    assert all(r["label"] in {"5", "6", "7", "8", "9"} for r in rows)
+    assert sum(r["label"] == "7" for r in rows) / len(rows) > 0.3
+    history = json.loads(adaptflow("history", "--json", *sets(state), cwd=work).stdout)
+    assert [h["action"] for h in history] == ["promote"] and history[0]["new_champion"] == "1"
+    missing = adaptflow(
+        "predict",
+        str(data / "7"),
+        "--model",
+        "models:/no-such-model@champion",
+        *sets(state),
+        cwd=work,
+        check=False,
+    )
+    assert missing.returncode == 2 and "no-such-model" in missing.stderr
+
+
+def test_else_branch_keeps_the_baseline(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    overrides = [*tiny_assets.overrides(tmp_path / "state"), "baseline.advisor.force=false"]
+    summary = json.loads(
+        adaptflow("run", "--data", str(tiny_assets.target), *sets(overrides), "--json", cwd=tmp_path).stdout
+    )
+    assert summary["finetune"]["ran"] is False
+    assert summary["finetune"]["metrics"] is None
+    assert summary["winner"] == "baseline"
+    assert summary["promoted"] is True
+    assert "finetune" not in summary["stage_seconds"]
+
+
+def test_unknown_config_key_fails_before_any_work(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = adaptflow(
+        "run",
+        "--data",
+        str(tiny_assets.target),
+        "--set",
+        "gate.min_delt=0.1",
+        "--set",
+        f"workdir={tmp_path / 'state'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "gate.min_delt: unknown key" in result.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_bad_data_fails_with_the_stage_and_reason(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "data"
+    shutil.copytree(tiny_assets.target, data)
+    (data / "empty-class").mkdir()
+    result = adaptflow(
+        "run",
+        "--data",
+        str(data),
+        *sets(tiny_assets.overrides(tmp_path / "state")),
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "stage ingest failed" in result.stderr and "empty-class" in result.stderr
+    assert "hint:" in result.stderr
+
+
+def test_compiled_pipeline_holds_the_condition_and_oneof(tmp_path: Path) -> None:
+    out = tmp_path / "pipeline.yaml"
+    adaptflow("compile", "-o", str(out), "--image", "registry.example/adaptflow:1.2.3", cwd=tmp_path)
+    ir = yaml.safe_load(out.read_text())
+    tasks = ir["root"]["dag"]["tasks"]
+    assert {"ingest", "baseline", "evaluate", "export", "register"} <= set(tasks)
+    branches = next(t for name, t in tasks.items() if name.startswith("condition-branches"))
+    branch_comp = ir["components"][branches["componentRef"]["name"]]
+    conditions = [t["triggerPolicy"]["condition"] for t in branch_comp["dag"]["tasks"].values()]
+    assert any("should_finetune" in c and "== true" in c for c in conditions)
+    assert any("!" in c for c in conditions)  # the Else branch
+    oneof = branch_comp["dag"]["outputs"]["artifacts"]
+    assert any(len(spec["artifactSelectors"]) == 2 for spec in oneof.values())
+    images = {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example/adaptflow:1.2.3"}
+    for executor in ir["deploymentSpec"]["executors"].values():
+        assert "pip install" not in " ".join(executor["container"]["command"])  # image already holds kfp
+    assert tasks["ingest"].get("cachingOptions", {}).get("enableCache") in (None, False)

@@ -1,0 +1,275 @@
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adaptflow.config import EvaluateConfig, ExportConfig, GateConfig, RegistryConfig, load_settings
+from adaptflow.contracts import ChampionRef, ExportResult, ModelScore
+from adaptflow.data.ingest import ingest
+from adaptflow.errors import ExportError, LeaseError
+from adaptflow.evaluation import ChampionModel, choose_winner, evaluate, mcnemar_exact
+from adaptflow.export import export_onnx
+from adaptflow.lease import FileLease
+from adaptflow.models.weights import resolve_weights
+from adaptflow.onnx_model import load_onnx_classifier
+from adaptflow.registry import decide_gate
+from adaptflow.training.baseline import BaselineInputs, run_baseline
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_assets, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    work = tmp_path_factory.mktemp("export")
+    settings = load_settings(overrides=tiny_assets.overrides(work))
+    snapshot = ingest(str(tiny_assets.target), settings.ingest)
+    weights = resolve_weights(settings.backbone, work / "w")
+    run_baseline(
+        BaselineInputs(
+            snapshot, settings.backbone, weights, settings.baseline, settings.finetune, work / "f"
+        ),
+        work / "b",
+    )
+    result = export_onnx(work / "b" / "candidate", ExportConfig(latency_runs=3), work / "onnx")
+    return settings, snapshot, work, result
+
+
+def test_onnx_export_checks_parity_and_carries_preprocessing(exported) -> None:  # type: ignore[no-untyped-def]
+    settings, snapshot, work, result = exported
+    assert set(result.parity) == {"1", "3", "7"}
+    assert result.passed and result.max_abs_diff <= result.tolerance
+    model = load_onnx_classifier(work / "onnx" / ExportResult.ONNX)
+    assert model.class_names == snapshot.class_names
+    assert model.preprocessing.input_size == 32
+    # dynamic batch axis: any batch size runs
+    assert model.logits(np.zeros((5, 3, 32, 32), np.float32)).shape == (5, 5)
+
+
+def test_export_fails_above_tolerance(exported, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, snapshot, work, result = exported
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        export_onnx(work / "b" / "candidate", ExportConfig(tolerance=1e-12, latency_runs=1), tmp_path)
+    assert ExportResult.load(tmp_path).passed is False  # the figures are kept for the record
+
+
+def test_evaluate_scores_candidates_and_champion_on_the_same_split(exported) -> None:  # type: ignore[no-untyped-def]
+    settings, snapshot, work, result = exported
+    champion = ChampionModel(
+        ChampionRef(model_name="m", version="3", uri="models:/m@champion"),
+        load_onnx_classifier(work / "onnx" / ExportResult.ONNX),
+    )
+    evaluation, preds = evaluate(
+        snapshot, [work / "b" / "candidate"], champion, EvaluateConfig(bootstrap_samples=200)
+    )
+    base, champ = evaluation.score("baseline"), evaluation.champion_score()
+    assert champ is not None and champ.version == "3"
+    # the champion is the same network run through onnxruntime: identical predictions
+    assert np.array_equal(preds["baseline"], preds["champion"])
+    assert base.accuracy == champ.accuracy
+    assert evaluation.mcnemar_p_value == 1.0
+    assert base.n == snapshot.counts["test"] == evaluation.test_size
+    assert base.accuracy_ci95[0] <= base.accuracy <= base.accuracy_ci95[1]
+    assert sum(map(sum, base.confusion_matrix)) == base.n
+
+
+def _score(name: str, acc: float, n: int = 200) -> ModelScore:
+    return ModelScore(
+        name=name,
+        kind="champion" if name == "champion" else "candidate",
+        accuracy=acc,
+        accuracy_ci95=(acc - 0.02, acc + 0.02),
+        macro_f1=acc,
+        per_class_precision={},
+        per_class_recall={},
+        confusion_matrix=[[0]],
+        n=n,
+        version="1",
+    )
+
+
+def test_finetune_must_beat_baseline_by_the_margin() -> None:
+    assert choose_winner(_score("baseline", 0.90), [_score("finetune-full", 0.905)], 0.01)[0] == "baseline"
+    name, reason = choose_winner(_score("baseline", 0.90), [_score("finetune-full", 0.93)], 0.01)
+    assert name == "finetune-full" and "+0.0300" in reason
+
+
+def test_mcnemar_exact_known_values() -> None:
+    y = np.zeros(20, dtype=int)
+    a = np.zeros(20, dtype=int)
+    b = np.zeros(20, dtype=int)
+    b[:8] = 1  # B wrong on 8 images A gets right, never the reverse
+    assert mcnemar_exact(y, a, b) == pytest.approx(2 * 0.5**8)
+    assert mcnemar_exact(y, a, a) == 1.0
+
+
+def _export(passed: bool = True, latency: float = 1.0) -> ExportResult:
+    return ExportResult(
+        candidate="c",
+        max_abs_diff=1e-6 if passed else 1.0,
+        parity={"1": 1e-6},
+        tolerance=1e-4,
+        passed=passed,
+        latency_ms_p50=latency,
+        latency_ms_p95=latency,
+        opset=18,
+        size_bytes=1,
+    )
+
+
+def test_gate_first_run_uses_absolute_thresholds_only() -> None:
+    assert decide_gate(_score("w", 0.9), None, _export(), None, GateConfig()).promote
+    low = decide_gate(_score("w", 0.5), None, _export(), None, GateConfig(min_accuracy=0.8))
+    assert not low.promote and any("below min_accuracy" in r for r in low.reasons)
+
+
+def test_gate_refuses_an_equal_model_and_says_why() -> None:
+    decision = decide_gate(_score("w", 0.9), _score("champion", 0.9), _export(), 1.0, GateConfig())
+    assert not decision.promote
+    assert any("not better than champion v1" in r for r in decision.reasons)
+
+
+def test_gate_parity_latency_and_significance() -> None:
+    assert not decide_gate(_score("w", 0.9), None, _export(passed=False), None, GateConfig()).promote
+    assert not decide_gate(_score("w", 0.9), None, _export(latency=999), None, GateConfig()).promote
+    cfg = GateConfig(require_significance=True, alpha=0.05)
+    better = (_score("w", 0.95), _score("champion", 0.90), _export())
+    assert not decide_gate(*better, 0.2, cfg).promote
+    assert decide_gate(*better, 0.01, cfg).promote
+
+
+def test_file_lease_is_exclusive_and_times_out(tmp_path: Path) -> None:
+    path = tmp_path / "locks" / "m.lock"
+    first = FileLease(path, wait_seconds=5)
+    first.acquire()
+    second = FileLease(path, wait_seconds=0.2)
+    with pytest.raises(LeaseError, match="still held"):
+        second.acquire()
+    assert json.loads(path.with_suffix(".holder").read_text())["holder"] == first.holder
+    first.release()
+    second.acquire()
+    second.release()
+
+
+def test_file_lease_serialises_threads(tmp_path: Path) -> None:
+    inside, peak = [0], [0]
+    lock = threading.Lock()
+
+    def work() -> None:
+        with FileLease(tmp_path / "l.lock", wait_seconds=30):
+            with lock:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+            threading.Event().wait(0.02)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 1
+
+
+def test_registry_promotion_history_and_rollback(exported, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Against a real embedded MLflow store: publish, promote, refuse an equal model, roll back."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from adaptflow.contracts import Candidate, Evaluation
+    from adaptflow.publish import publish_model
+    from adaptflow.registry import PromotionInputs, get_champion, promote_under_lease, read_audit, rollback
+    from adaptflow.tracking import TrackingContext, embedded_tracking_uri, ensure_experiment
+
+    settings, snapshot, work, export = exported
+    uri = embedded_tracking_uri(tmp_path)
+    exp = ensure_experiment(uri, "t", tmp_path)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    parent = client.create_run(exp).info.run_id
+    ctx = TrackingContext(uri, exp, parent)
+    candidate = Candidate.load(work / "b" / "candidate")
+    lease = FileLease(tmp_path / "lease.lock")
+    cfg = GateConfig(min_accuracy=0.0)
+
+    def one_run(champion_score: ModelScore | None, champion: ChampionRef | None) -> tuple[str, bool]:
+        scores = (_score("baseline", 0.9),) + ((champion_score,) if champion_score else ())
+        evaluation = Evaluation(
+            scores=scores,
+            winner="baseline",
+            winner_reason="r",
+            champion=champion,
+            test_size=200,
+            fingerprint=snapshot.fingerprint,
+        )
+        with mlflow.start_run(experiment_id=exp, parent_run_id=parent) as run:
+            version = publish_model(
+                work / "onnx" / "model.onnx",
+                candidate,
+                snapshot,
+                evaluation,
+                export,
+                settings,
+                ctx,
+                run.info.run_id,
+            )
+            decision, _, _ = promote_under_lease(
+                PromotionInputs(
+                    uri,
+                    settings.registry.model_name,
+                    version,
+                    _score("baseline", 0.9),
+                    evaluation,
+                    export,
+                    cfg,
+                    {"pipeline": parent, "register": run.info.run_id},
+                ),
+                lease,
+                lambda ref: None,
+            )
+        return version, decision.promote
+
+    v1, promoted1 = one_run(None, None)
+    assert promoted1 and get_champion(uri, settings.registry.model_name).version == v1  # type: ignore[union-attr]
+    ref = get_champion(uri, settings.registry.model_name)
+    v2, promoted2 = one_run(_score("champion", 0.9), ref)
+    assert not promoted2
+    mv = client.get_model_version(settings.registry.model_name, v2)
+    assert mv.tags["adaptflow.data_fingerprint"] == snapshot.fingerprint
+    assert str(client.get_model_version_by_alias(settings.registry.model_name, "challenger").version) == v2
+    # force a promotion of v2 to have something to roll back
+    client.set_registered_model_alias(settings.registry.model_name, "champion", v2)
+    from adaptflow.registry import AuditRecord, append_audit
+
+    append_audit(
+        uri,
+        AuditRecord("promote", settings.registry.model_name, v2, v1, "manual", {}, {}, "t", "t", 1.0),
+        parent,
+    )
+    record = rollback(uri, settings.registry.model_name, lease, None, parent, "bad model")
+    assert record.new_champion == v1 and record.previous_champion == v2
+    assert get_champion(uri, settings.registry.model_name).version == v1  # type: ignore[union-attr]
+    trail = read_audit(uri, settings.registry.model_name)
+    assert [r["action"] for r in trail] == ["promote", "promote", "rollback"]
+
+
+def test_missing_champion_is_none(tmp_path: Path) -> None:
+    from adaptflow.registry import get_champion
+    from adaptflow.tracking import embedded_tracking_uri
+
+    assert get_champion(embedded_tracking_uri(tmp_path), "never-registered") is None
+
+
+def test_unreachable_tracking_server_is_a_clear_error() -> None:
+    from adaptflow.errors import StoreError
+    from adaptflow.tracking import check_tracking_reachable
+
+    with pytest.raises(StoreError, match="unreachable") as info:
+        check_tracking_reachable("http://127.0.0.1:9")
+    assert "MLFLOW_TRACKING_URI" in (info.value.hint or "")
+
+
+def test_registry_config_defaults() -> None:
+    assert RegistryConfig().model_name
