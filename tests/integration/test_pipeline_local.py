@@ -56,7 +56,7 @@ def two_runs(tiny_assets, tmp_path_factory: pytest.TempPathFactory):  # type: ig
 
 
 def test_first_run_registers_and_promotes(two_runs) -> None:  # type: ignore[no-untyped-def]
-    work, data, overrides, (first, _) = two_runs
+    _work, _data, _overrides, (first, _) = two_runs
     assert first["dataset"]["fingerprint"] and len(first["dataset"]["fingerprint"]) == 64
     assert set(first["dataset"]["counts"]) == {"train", "val", "test"}
     quarantined = {Path(q["uri"]).name for q in first["dataset"]["quarantined"]}
@@ -133,7 +133,7 @@ def test_registered_onnx_classifies_test_images(two_runs, tmp_path: Path) -> Non
     from adaptflow.onnx_model import load_onnx_classifier
     from adaptflow.registry import download_onnx
 
-    work, data, overrides, (first, _) = two_runs
+    _work, data, _overrides, (first, _) = two_runs
     mlflow.set_tracking_uri(first["mlflow"]["tracking_uri"])
     model = load_onnx_classifier(download_onnx(f"models:/{first['mlflow']['model_name']}@champion", tmp_path))
     snapshot: Snapshot = ingest(str(data), load_settings().ingest)
@@ -150,7 +150,7 @@ def test_registered_onnx_classifies_test_images(two_runs, tmp_path: Path) -> Non
 
 
 def test_predict_and_history_commands(two_runs) -> None:  # type: ignore[no-untyped-def]
-    work, data, overrides, (first, _) = two_runs
+    work, data, _overrides, (_first, _) = two_runs
     state = [f"workdir={work / 'state'}"]
     out = adaptflow("predict", str(data / "7"), "--json", *sets(state), cwd=work)
     rows = json.loads(out.stdout)

@@ -75,7 +75,7 @@ def test_missing_config_file() -> None:
 
 
 def test_override_without_equals_sign() -> None:
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         load_settings(overrides=["baseline.epochs"])
 
 

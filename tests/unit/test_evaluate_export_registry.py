@@ -37,7 +37,7 @@ def exported(tiny_assets, tmp_path_factory: pytest.TempPathFactory):  # type: ig
 
 
 def test_onnx_export_checks_parity_and_carries_preprocessing(exported) -> None:  # type: ignore[no-untyped-def]
-    settings, snapshot, work, result = exported
+    _settings, snapshot, work, result = exported
     assert set(result.parity) == {"1", "3", "7"}
     assert result.passed and result.max_abs_diff <= result.tolerance
     model = load_onnx_classifier(work / "onnx" / ExportResult.ONNX)
@@ -48,14 +48,14 @@ def test_onnx_export_checks_parity_and_carries_preprocessing(exported) -> None: 
 
 
 def test_export_fails_above_tolerance(exported, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    settings, snapshot, work, result = exported
+    _settings, _snapshot, work, _result = exported
     with pytest.raises(ExportError, match="differs from PyTorch"):
         export_onnx(work / "b" / "candidate", ExportConfig(tolerance=1e-12, latency_runs=1), tmp_path)
     assert ExportResult.load(tmp_path).passed is False  # the figures are kept for the record
 
 
 def test_evaluate_scores_candidates_and_champion_on_the_same_split(exported) -> None:  # type: ignore[no-untyped-def]
-    settings, snapshot, work, result = exported
+    _settings, snapshot, work, _result = exported
     champion = ChampionModel(
         ChampionRef(model_name="m", version="3", uri="models:/m@champion"),
         load_onnx_classifier(work / "onnx" / ExportResult.ONNX),

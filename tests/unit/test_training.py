@@ -27,7 +27,7 @@ def baseline_run(tiny_assets, tmp_path_factory: pytest.TempPathFactory):  # type
 
 
 def test_baseline_computes_each_backbone_feature_exactly_once(baseline_run) -> None:  # type: ignore[no-untyped-def]
-    settings, snapshot, inputs, result, work = baseline_run
+    _settings, snapshot, inputs, result, work = baseline_run
     n = snapshot.counts["train"] + snapshot.counts["val"]
     assert result.candidate.cost.backbone_forward_images == n  # 1 forward pass per image
     again = run_baseline(inputs, work / "baseline-again")
@@ -36,7 +36,7 @@ def test_baseline_computes_each_backbone_feature_exactly_once(baseline_run) -> N
 
 
 def test_feature_cache_key_includes_preprocessing(baseline_run) -> None:  # type: ignore[no-untyped-def]
-    settings, snapshot, inputs, result, work = baseline_run
+    _settings, _snapshot, inputs, _result, work = baseline_run
     bigger = inputs.weights.preprocessing.model_copy(update={"input_size": 40, "resize_size": 40})
     from dataclasses import replace
 
@@ -45,7 +45,7 @@ def test_feature_cache_key_includes_preprocessing(baseline_run) -> None:  # type
 
 
 def test_baseline_candidate_and_decision(baseline_run) -> None:  # type: ignore[no-untyped-def]
-    settings, snapshot, inputs, result, work = baseline_run
+    _settings, snapshot, _inputs, result, work = baseline_run
     loaded = BaselineResult.load(work / "baseline")
     assert loaded == result
     c = result.candidate
@@ -61,7 +61,7 @@ def test_baseline_candidate_and_decision(baseline_run) -> None:  # type: ignore[
 
 @pytest.mark.parametrize("strategy", ["partial", "full"])
 def test_finetune_starts_from_baseline_head_and_keeps_best_epoch(baseline_run, strategy: str) -> None:  # type: ignore[no-untyped-def]
-    settings, snapshot, inputs, result, work = baseline_run
+    settings, snapshot, _inputs, result, work = baseline_run
     cfg = settings.finetune.model_copy(update={"strategy": strategy, "epochs": 2, "unfreeze_blocks": 1})
     out = work / f"ft-{strategy}"
     candidate = run_finetune(FinetuneInputs(snapshot, result, work / "baseline" / "candidate", cfg), out)
