@@ -7,13 +7,24 @@ from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 
-def ingest(data_uri: str, config_json: str, parent_run_id: str, snapshot: Output[Dataset]) -> NamedTuple(
-    "IngestOutputs", [("fingerprint", str), ("parent_run_id", str), ("config_hash", str)]
+def ingest(
+    data_uri: str,
+    config_json: str,
+    parent_run_id: str,
+    force: bool,
+    kfp_run_id: str,
+    pipeline_name: str,
+    pipeline_version: str,
+    snapshot: Output[Dataset],
+) -> NamedTuple(
+    "IngestOutputs",
+    [("fingerprint", str), ("parent_run_id", str), ("config_hash", str), ("changed", bool), ("reason", str)],
 ):
-    """Validate, de-duplicate, split and fingerprint the images at data_uri."""
-    from adaptflow.steps import ingest_step
+    """Validate, de-duplicate, split and fingerprint the images at data_uri; unchanged since the champion?"""
+    from adaptflow.steps import Lineage, ingest_step
 
-    return ingest_step(data_uri, config_json, parent_run_id, snapshot.path)
+    lineage = Lineage(kfp_run_id, pipeline_name, pipeline_version)
+    return ingest_step(data_uri, config_json, parent_run_id, snapshot.path, force, lineage)
 
 
 def baseline(
@@ -45,7 +56,7 @@ def finetune(
     finetune_step(snapshot.path, baseline.path, config_json, parent_run_id, fingerprint, candidate.path)
 
 
-def keep_baseline(baseline: Input[Model], candidate: Output[Model]):
+def keep_baseline(baseline: Input[Model], fingerprint: str, config_hash: str, candidate: Output[Model]):
     """Pass the baseline candidate on when fine-tuning is not worth it."""
     from adaptflow.steps import keep_baseline_step
 
@@ -122,6 +133,19 @@ def register(
     )
 
 
+def report_unchanged(
+    snapshot: Input[Dataset],
+    config_json: str,
+    parent_run_id: str,
+    reason: str,
+    registration: Output[Artifact],
+):
+    """Data and config equal the champion's: end the run without training."""
+    from adaptflow.steps import report_unchanged_step
+
+    report_unchanged_step(snapshot.path, config_json, parent_run_id, reason, registration.path)
+
+
 @dataclass(frozen=True)
 class StageComponents:
     ingest: Any
@@ -131,6 +155,7 @@ class StageComponents:
     evaluate: Any
     export: Any
     register: Any
+    report_unchanged: Any
 
 
 def stage_components(base_image: str) -> StageComponents:
@@ -147,4 +172,5 @@ def stage_components(base_image: str) -> StageComponents:
         evaluate=make(evaluate),
         export=make(export),
         register=make(register),
+        report_unchanged=make(report_unchanged),
     )

@@ -58,35 +58,21 @@ class PipelineFailed(AdaptflowError):
     exit_code = 1
 
 
-def run_local(settings: Settings, data_uri: str) -> dict[str, Any]:
+def run_local(settings: Settings, data_uri: str, force: bool = False) -> dict[str, Any]:
     """Runs the compiled DAG locally and returns the run summary."""
-    from adaptflow.pipelines.pipeline import PIPELINE_NAME, build_pipeline
+    from adaptflow.pipelines.pipeline import build_pipeline
     from kfp import local
+
+    from adaptflow.tracking import lineage_tags
 
     patch_kfp_local_oneof_artifacts()
     workdir = Path(settings.workdir).resolve()
-    run_id = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    attempt = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     root = workdir / "kfp-local"
-    error_file = workdir / "runs" / run_id / "error.json"
+    error_file = workdir / "runs" / attempt / "error.json"
     error_file.parent.mkdir(parents=True, exist_ok=True)
-    # Facts a KFP pod would know; components inherit the environment under kfp.local.
-    os.environ.update(
-        {
-            "ADAPTFLOW_KFP_RUN_ID": run_id,
-            "ADAPTFLOW_KFP_PIPELINE_NAME": PIPELINE_NAME,
-            "ADAPTFLOW_KFP_PIPELINE_VERSION": "local",
-            "ADAPTFLOW_ERROR_FILE": str(error_file),
-        }
-    )
-    ctx = start_pipeline_run(
-        settings,
-        f"adaptflow {run_id}",
-        {
-            "adaptflow.data_uri": data_uri,
-            "adaptflow.config_hash": settings.config_hash(),
-            "kfp.run_id": run_id,
-        },
-    )
+    os.environ["ADAPTFLOW_ERROR_FILE"] = str(error_file)  # components inherit it under kfp.local
+    ctx = start_pipeline_run(settings, f"adaptflow {attempt}", {"adaptflow.data_uri": data_uri})
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     pipeline = build_pipeline(settings)
     started = time.perf_counter()
@@ -95,7 +81,11 @@ def run_local(settings: Settings, data_uri: str) -> dict[str, Any]:
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             task = pipeline(
-                data_uri=data_uri, config_json=settings.to_json(), parent_run_id=ctx.parent_run_id
+                data_uri=data_uri,
+                config_json=settings.to_json(),
+                parent_run_id=ctx.parent_run_id,
+                force=force,
+                pipeline_version="local",
             )
     except Exception as error:
         finish_pipeline_run(ctx, "FAILED")
@@ -106,8 +96,9 @@ def run_local(settings: Settings, data_uri: str) -> dict[str, Any]:
             ) from None
         raise PipelineFailed(f"pipeline failed: {error}", hint="the stage's log is printed above") from None
     summary: dict[str, Any] = json.loads((Path(task.output.path) / SUMMARY_FILE).read_text())
+    lineage = lineage_tags(ctx.tracking_uri, ctx.parent_run_id)
     summary["kfp"] = {
-        "run_id": run_id,
+        "run_id": lineage.get("kfp.run_id"),
         "pipeline_root": str(root),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }

@@ -1,97 +1,194 @@
 """``build_pipeline(settings)``: the six-stage DAG as a KFP v2 pipeline. A pure factory.
 
-ingest -> baseline -> [dsl.If should_finetune] finetune | [dsl.Else] keep_baseline
-       -> dsl.OneOf(candidate) -> evaluate -> export -> register
+ingest -> [dsl.If changed] baseline -> [dsl.If should_finetune] finetune | [dsl.Else] keep_baseline
+                           -> dsl.OneOf(candidate) -> evaluate -> export -> register
+       -> [dsl.Else unchanged] report_unchanged
 
 Caching: ingest, evaluate and register never cache (they read mutable state: the source and the
-registry). Every other stage takes the data fingerprint and the config hash as inputs, so KFP's
-cache key (parameter values + artifact names) changes whenever the data or the config does.
+registry). Every other stage takes the data fingerprint and the config hash as input parameters,
+so KFP's cache key (parameter values + artifact names) changes whenever the data or the config
+does. When the fingerprint is already known at compile time it is also pinned in an explicit
+per-task ``cache_key``.
 """
 
 from pathlib import Path
 from typing import Any
 
 from adaptflow.components import stage_components
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
 
 from adaptflow import __version__
-from adaptflow.config import Settings
+from adaptflow.config import ClusterConfig, Settings
 
 PIPELINE_NAME = "adaptflow"
 DEFAULT_IMAGE = f"ghcr.io/adaptflow/adaptflow:{__version__}"
+CACHEABLE = ("baseline", "finetune", "keep_baseline", "export")
 
 
-def build_pipeline(settings: Settings, image: str = DEFAULT_IMAGE, name: str = PIPELINE_NAME) -> Any:
-    c = stage_components(image)
+def apply_cluster_settings(task: Any, stage: str, cluster: ClusterConfig) -> Any:
+    """Resources, GPUs, placement, /dev/shm, secrets, env, retries and timeouts for one task."""
+    # infra/k8s's NetworkPolicy lets only pods with this label reach the MLflow server
+    kubernetes.add_pod_label(task, label_key="adaptflow.io/pipeline", label_value="true")
+    res = cluster.resources_for(stage)
+    if res.cpu_request:
+        task.set_cpu_request(res.cpu_request)
+    if res.cpu_limit:
+        task.set_cpu_limit(res.cpu_limit)
+    if res.memory_request:
+        task.set_memory_request(res.memory_request)
+    if res.memory_limit:
+        task.set_memory_limit(res.memory_limit)
+    if stage in cluster.gpu_stages and cluster.accelerator_type and cluster.accelerator_count > 0:
+        task.set_accelerator_type(cluster.accelerator_type)
+        task.set_accelerator_limit(cluster.accelerator_count)
+        for key, value in cluster.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        for t in cluster.tolerations:
+            kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+    if cluster.shm_size and stage in ("baseline", "finetune", "evaluate"):
+        kubernetes.empty_dir_mount(
+            task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=cluster.shm_size
+        )
+    for secret in cluster.secrets:
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=secret.secret_name,
+            secret_key_to_env=dict(secret.keys),
+            optional=secret.optional,
+        )
+    for name, value in cluster.env.items():
+        task.set_env_variable(name, value)
+    if stage in cluster.retry_stages and cluster.retry.num_retries > 0:
+        r = cluster.retry
+        task.set_retry(
+            num_retries=r.num_retries,
+            backoff_duration=r.backoff_duration,
+            backoff_factor=r.backoff_factor,
+            backoff_max_duration=r.backoff_max_duration,
+        )
+    timeout = cluster.timeout_for(stage)
+    if timeout:
+        kubernetes.set_timeout(task, timeout)
+    if stage in CACHEABLE:
+        task.set_caching_options(enable_caching=True)
+    else:
+        task.set_caching_options(enable_caching=False)
+    return task
+
+
+def build_pipeline(
+    settings: Settings, image: str | None = None, name: str = PIPELINE_NAME, fingerprint: str | None = None
+) -> Any:
+    """The DAG. ``fingerprint``, when known at compile time, is pinned into each cacheable task's cache key."""
+    cluster = settings.cluster
+    c = stage_components(image or cluster.image or DEFAULT_IMAGE)
     default_config = settings.to_json()
+    config_hash = settings.config_hash()
+
+    def setup(task: Any, stage: str, display: str) -> Any:
+        apply_cluster_settings(task, stage, cluster).set_display_name(display)
+        if fingerprint and stage in CACHEABLE:
+            task.set_caching_options(
+                enable_caching=True, cache_key=f"{stage}-{fingerprint[:32]}-{config_hash[:32]}"
+            )
+        return task
 
     @dsl.pipeline(
         name=name,
         description="Adapt a pretrained vision backbone: transfer learning, fine-tuning when it pays, "
         "evaluation against the champion, ONNX export, gated registry promotion.",
+        pipeline_root=cluster.pipeline_root,
     )
     def adaptflow_pipeline(
-        data_uri: str, config_json: str = default_config, parent_run_id: str = ""
+        data_uri: str,
+        config_json: str = default_config,
+        parent_run_id: str = "",
+        force: bool = False,
+        pipeline_version: str = "",
     ) -> dsl.Artifact:
-        ingest = c.ingest(data_uri=data_uri, config_json=config_json, parent_run_id=parent_run_id)
-        ingest.set_caching_options(enable_caching=False).set_display_name("ingest")
-        run_id = ingest.outputs["parent_run_id"]
-        fingerprint = ingest.outputs["fingerprint"]
-        config_hash = ingest.outputs["config_hash"]
-        baseline = c.baseline(
-            snapshot=ingest.outputs["snapshot"],
+        ingest = c.ingest(
+            data_uri=data_uri,
             config_json=config_json,
-            parent_run_id=run_id,
-            fingerprint=fingerprint,
-            config_hash=config_hash,
-        ).set_display_name("baseline (transfer learning)")
-        with dsl.If(baseline.outputs["should_finetune"] == True, name="finetune-pays"):  # noqa: E712
-            tuned = c.finetune(
-                snapshot=ingest.outputs["snapshot"],
-                baseline=baseline.outputs["result"],
+            parent_run_id=parent_run_id,
+            force=force,
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            pipeline_name=name,
+            pipeline_version=pipeline_version,
+        )
+        setup(ingest, "ingest", "ingest")
+        run_id = ingest.outputs["parent_run_id"]
+        fp = ingest.outputs["fingerprint"]
+        ch = ingest.outputs["config_hash"]
+        snapshot = ingest.outputs["snapshot"]
+        with dsl.If(ingest.outputs["changed"] == True, name="data-or-config-changed"):  # noqa: E712
+            baseline = c.baseline(
+                snapshot=snapshot,
                 config_json=config_json,
                 parent_run_id=run_id,
-                fingerprint=fingerprint,
-                config_hash=config_hash,
-            ).set_display_name("finetune")
-        with dsl.Else(name="keep-baseline"):
-            kept = c.keep_baseline(baseline=baseline.outputs["result"]).set_display_name("keep baseline")
-        selected = dsl.OneOf(tuned.outputs["candidate"], kept.outputs["candidate"])
-        evaluate = c.evaluate(
-            snapshot=ingest.outputs["snapshot"],
-            baseline=baseline.outputs["result"],
-            selected=selected,
-            config_json=config_json,
-            parent_run_id=run_id,
-            fingerprint=fingerprint,
-        ).set_display_name("evaluate vs champion")
-        evaluate.set_caching_options(enable_caching=False)
-        export = c.export(
-            evaluation=evaluate.outputs["evaluation"],
-            baseline=baseline.outputs["result"],
-            selected=selected,
-            config_json=config_json,
-            parent_run_id=run_id,
-            fingerprint=fingerprint,
-            config_hash=config_hash,
-        ).set_display_name("onnx export")
-        register = c.register(
-            snapshot=ingest.outputs["snapshot"],
-            baseline=baseline.outputs["result"],
-            selected=selected,
-            evaluation=evaluate.outputs["evaluation"],
-            onnx_model=export.outputs["onnx_model"],
-            config_json=config_json,
-            parent_run_id=run_id,
-        ).set_display_name("register + gate")
-        register.set_caching_options(enable_caching=False)
-        return register.outputs["registration"]
+                fingerprint=fp,
+                config_hash=ch,
+            )
+            setup(baseline, "baseline", "baseline (transfer learning)")
+            with dsl.If(baseline.outputs["should_finetune"] == True, name="finetune-pays"):  # noqa: E712
+                tuned = c.finetune(
+                    snapshot=snapshot,
+                    baseline=baseline.outputs["result"],
+                    config_json=config_json,
+                    parent_run_id=run_id,
+                    fingerprint=fp,
+                    config_hash=ch,
+                )
+                setup(tuned, "finetune", "finetune")
+            with dsl.Else(name="keep-baseline"):
+                kept = c.keep_baseline(baseline=baseline.outputs["result"], fingerprint=fp, config_hash=ch)
+                setup(kept, "keep_baseline", "keep baseline")
+            selected = dsl.OneOf(tuned.outputs["candidate"], kept.outputs["candidate"])
+            evaluate = c.evaluate(
+                snapshot=snapshot,
+                baseline=baseline.outputs["result"],
+                selected=selected,
+                config_json=config_json,
+                parent_run_id=run_id,
+                fingerprint=fp,
+            )
+            setup(evaluate, "evaluate", "evaluate vs champion")
+            export = c.export(
+                evaluation=evaluate.outputs["evaluation"],
+                baseline=baseline.outputs["result"],
+                selected=selected,
+                config_json=config_json,
+                parent_run_id=run_id,
+                fingerprint=fp,
+                config_hash=ch,
+            )
+            setup(export, "export", "onnx export")
+            register = c.register(
+                snapshot=snapshot,
+                baseline=baseline.outputs["result"],
+                selected=selected,
+                evaluation=evaluate.outputs["evaluation"],
+                onnx_model=export.outputs["onnx_model"],
+                config_json=config_json,
+                parent_run_id=run_id,
+            )
+            setup(register, "register", "register + gate")
+        with dsl.Else(name="unchanged"):
+            skipped = c.report_unchanged(
+                snapshot=snapshot,
+                config_json=config_json,
+                parent_run_id=run_id,
+                reason=ingest.outputs["reason"],
+            )
+            setup(skipped, "register", "unchanged: skip training")
+        return dsl.OneOf(register.outputs["registration"], skipped.outputs["registration"])
 
     return adaptflow_pipeline
 
 
-def compile_pipeline(settings: Settings, output: str | Path, image: str = DEFAULT_IMAGE) -> Path:
+def compile_pipeline(
+    settings: Settings, output: str | Path, image: str | None = None, fingerprint: str | None = None
+) -> Path:
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(settings, image), str(out))
+    compiler.Compiler().compile(build_pipeline(settings, image, fingerprint=fingerprint), str(out))
     return out

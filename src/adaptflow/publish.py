@@ -10,7 +10,7 @@ import numpy as np
 from adaptflow.config import Settings
 from adaptflow.contracts import Candidate, Evaluation, ExportResult, Snapshot
 from adaptflow.registry import CHALLENGER
-from adaptflow.tracking import TrackingContext, git_commit, kfp_lineage
+from adaptflow.tracking import TrackingContext, git_commit, lineage_tags
 
 
 def version_tags(
@@ -43,7 +43,7 @@ def version_tags(
     }
     if evaluation.mcnemar_p_value is not None:
         tags["adaptflow.mcnemar_p_value"] = f"{evaluation.mcnemar_p_value:.6f}"
-    tags.update({f"adaptflow.{k}": v for k, v in kfp_lineage().items()})
+    tags.update({f"adaptflow.{k}": v for k, v in lineage_tags(ctx.tracking_uri, ctx.parent_run_id).items()})
     return tags
 
 

@@ -78,38 +78,92 @@ def _workdir_path(settings: Settings, *parts: str) -> Path:
     return Path(settings.workdir).resolve().joinpath(*parts)
 
 
+class Lineage(NamedTuple):
+    """KFP facts recorded on every MLflow run and model version."""
+
+    kfp_run_id: str
+    pipeline_name: str
+    pipeline_version: str
+
+    def tags(self) -> dict[str, str]:
+        values = {
+            "kfp.run_id": self.kfp_run_id,
+            "kfp.pipeline_name": self.pipeline_name,
+            "kfp.pipeline_version": self.pipeline_version,
+        }
+        return {k: v for k, v in values.items() if v}
+
+
 class IngestOutputs(NamedTuple):
     fingerprint: str
     parent_run_id: str
     config_hash: str
+    changed: bool
+    reason: str
+
+
+def unchanged_since_champion(
+    tracking_uri: str, model_name: str, fingerprint: str, config_hash: str
+) -> str | None:
+    """Why training can be skipped, or None.
+
+    Skipped when the champion, or the challenger (the last candidate trained and gated), was made
+    from this exact data and config: retraining would reproduce it and burn GPU hours for nothing.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from adaptflow.registry import CHALLENGER, CHAMPION, get_champion
+
+    client = MlflowClient(tracking_uri)
+    for alias in (CHAMPION, CHALLENGER):
+        ref = get_champion(tracking_uri, model_name, alias)
+        if ref is None:
+            continue
+        tags = client.get_model_version(model_name, ref.version).tags
+        if (
+            tags.get("adaptflow.data_fingerprint") == fingerprint
+            and tags.get("adaptflow.config_hash") == config_hash
+        ):
+            verdict = tags.get("adaptflow.gate.decision", "unknown")
+            return (
+                f"unchanged: data fingerprint {fingerprint[:12]} and config hash {config_hash[:12]} equal those of "
+                f"the {alias} v{ref.version} (gate: {verdict}); nothing to retrain (use --force to retrain anyway)"
+            )
+    return None
 
 
 @reports_errors("ingest")
-def ingest_step(data_uri: str, config_json: str, parent_run_id: str, out_dir: str) -> IngestOutputs:
+def ingest_step(
+    data_uri: str,
+    config_json: str,
+    parent_run_id: str,
+    out_dir: str,
+    force: bool = False,
+    lineage: Lineage | None = None,
+) -> IngestOutputs:
     import mlflow
 
     from adaptflow.data.ingest import ingest, write_quarantine_report
 
     settings = _settings(config_json)
     config_hash = settings.config_hash()
-    if parent_run_id:
-        ctx = _context(settings, parent_run_id)
-    else:
-        ctx = start_pipeline_run(
-            settings, "adaptflow", {"adaptflow.data_uri": data_uri, "adaptflow.config_hash": config_hash}
-        )
+    lineage_tags = lineage.tags() if lineage else {}
+    run_tags = {"adaptflow.data_uri": data_uri, "adaptflow.config_hash": config_hash, **lineage_tags}
+    ctx = (
+        _context(settings, parent_run_id)
+        if parent_run_id
+        else start_pipeline_run(settings, "adaptflow", run_tags)
+    )
+    client = mlflow.MlflowClient(ctx.tracking_uri)
+    for key, value in run_tags.items():
+        client.set_tag(ctx.parent_run_id, key, value)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_settings(settings))
     mlflow.set_tracking_uri(ctx.tracking_uri)
-    client = mlflow.MlflowClient(ctx.tracking_uri)
     client.log_artifact(ctx.parent_run_id, str(out / "config.yaml"))
-    client.log_batch(
-        ctx.parent_run_id,
-        params=[
-            mlflow.entities.Param(k, v) for k, v in flat_params("", settings.model_dump(mode="json")).items()
-        ][:100],
-    )
+    params = flat_params("", settings.model_dump(mode="json", exclude={"cluster"}))
+    client.log_batch(ctx.parent_run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()][:100])
     with stage_run(ctx, "ingest", {"adaptflow.data_uri": data_uri}):
         snapshot = ingest(data_uri, settings.ingest)
         snapshot.save(out)
@@ -122,8 +176,59 @@ def ingest_step(data_uri: str, config_json: str, parent_run_id: str, out_dir: st
         mlflow.set_tag("adaptflow.data_fingerprint", snapshot.fingerprint)
         mlflow.log_artifact(str(out / "quarantine.csv"))
         mlflow.log_artifact(str(out / Snapshot.FILE))
+        skip = (
+            None
+            if force
+            else unchanged_since_champion(
+                ctx.tracking_uri, settings.registry.model_name, snapshot.fingerprint, config_hash
+            )
+        )
+        reason = skip or ("retraining forced" if force else "new data or config since the champion")
+        mlflow.set_tags({"adaptflow.changed": str(skip is None), "adaptflow.change_reason": reason})
     client.set_tag(ctx.parent_run_id, "adaptflow.data_fingerprint", snapshot.fingerprint)
-    return IngestOutputs(snapshot.fingerprint, ctx.parent_run_id, config_hash)
+    log.info("ingest: %s", reason)
+    return IngestOutputs(snapshot.fingerprint, ctx.parent_run_id, config_hash, skip is None, reason)
+
+
+@reports_errors("report_unchanged")
+def report_unchanged_step(
+    snapshot_dir: str, config_json: str, parent_run_id: str, reason: str, out_dir: str
+) -> None:
+    """The Else branch of "changed": write an ``unchanged`` summary and close the pipeline run."""
+    from adaptflow.registry import get_champion
+    from adaptflow.tracking import finish_pipeline_run
+
+    settings = _settings(config_json)
+    ctx = _context(settings, parent_run_id)
+    snapshot = Snapshot.load(snapshot_dir)
+    champion = get_champion(ctx.tracking_uri, settings.registry.model_name)
+    summary = {
+        "status": "unchanged",
+        "reason": reason,
+        "dataset": {
+            "source": snapshot.source_uri,
+            "fingerprint": snapshot.fingerprint,
+            "classes": list(snapshot.class_names),
+            "counts": snapshot.counts,
+            "quarantined": [q.model_dump() for q in snapshot.quarantined],
+        },
+        "champion_before": champion.version if champion else None,
+        "promoted": False,
+        "registered_version": None,
+        "mlflow": {
+            "tracking_uri": ctx.tracking_uri,
+            "experiment_id": ctx.experiment_id,
+            "run_id": ctx.parent_run_id,
+            "model_name": settings.registry.model_name,
+        },
+    }
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    Path(out_dir, SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    import mlflow
+
+    mlflow.MlflowClient(ctx.tracking_uri).set_tag(ctx.parent_run_id, "adaptflow.status", "unchanged")
+    finish_pipeline_run(ctx)
+    log.info("%s", reason)
 
 
 class BaselineOutputs(NamedTuple):
@@ -478,6 +583,7 @@ def register_step(
             )
             registration.save(out_dir)
             summary = build_summary(snapshot, baseline, selected, evaluation, export, registration, ctx)
+            mlflow.MlflowClient(ctx.tracking_uri).set_tag(ctx.parent_run_id, "adaptflow.status", "completed")
             Path(out_dir, SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
             mlflow.log_dict(summary, "summary.json")
         finish_pipeline_run(ctx)

@@ -104,15 +104,12 @@ def git_commit() -> str:
         return "unknown"
 
 
-def kfp_lineage(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """KFP run facts available to a task pod (and set by our local runner)."""
-    env = os.environ if env is None else env
-    keys = {
-        "ADAPTFLOW_KFP_RUN_ID": "kfp.run_id",
-        "ADAPTFLOW_KFP_PIPELINE_NAME": "kfp.pipeline_name",
-        "ADAPTFLOW_KFP_PIPELINE_VERSION": "kfp.pipeline_version",
-    }
-    return {tag: env[var] for var, tag in keys.items() if env.get(var)}
+def lineage_tags(tracking_uri: str, parent_run_id: str) -> dict[str, str]:
+    """The KFP run facts (``kfp.*`` tags) that ingest recorded on the pipeline run."""
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(tracking_uri).get_run(parent_run_id).data.tags
+    return {k: v for k, v in tags.items() if k.startswith("kfp.")}
 
 
 def start_pipeline_run(
@@ -146,14 +143,24 @@ def start_pipeline_run(
 
 @contextmanager
 def stage_run(ctx: TrackingContext, stage: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """A nested MLflow run for one stage; a failure marks it FAILED and re-raises."""
+    """A nested MLflow run for one stage; a failure marks it FAILED and re-raises.
+
+    The child is created explicitly: ``mlflow.start_run()`` alone would resume MLFLOW_RUN_ID
+    (injected by KFP's plugin) instead of nesting a new run under it.
+    """
     import mlflow
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     mlflow.set_tracking_uri(ctx.tracking_uri)
-    all_tags = {f"{TAG_PREFIX}stage": stage, **kfp_lineage(), **(tags or {})}
-    with mlflow.start_run(
-        experiment_id=ctx.experiment_id, run_name=stage, parent_run_id=ctx.parent_run_id, tags=all_tags
-    ) as run:
+    all_tags = {
+        f"{TAG_PREFIX}stage": stage,
+        MLFLOW_PARENT_RUN_ID: ctx.parent_run_id,
+        **lineage_tags(ctx.tracking_uri, ctx.parent_run_id),
+        **(tags or {}),
+    }
+    child = MlflowClient(ctx.tracking_uri).create_run(ctx.experiment_id, run_name=stage, tags=all_tags)
+    with mlflow.start_run(run_id=child.info.run_id) as run:
         yield run
 
 

@@ -35,8 +35,12 @@ def sets(overrides: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tiny_assets, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """Two runs on the same data (one corrupt and one empty file added): first promotes, second must not."""
+def three_runs(tiny_assets, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Three runs on the same data (one corrupt and one empty file added).
+
+    The first promotes; the second (--force) retrains and must not promote an equal model;
+    the third sees nothing changed and skips training.
+    """
     work = tmp_path_factory.mktemp("pipeline")
     data = work / "data"
     shutil.copytree(tiny_assets.target, data)
@@ -48,15 +52,13 @@ def two_runs(tiny_assets, tmp_path_factory: pytest.TempPathFactory):  # type: ig
         "baseline.advisor.force=true",
         "finetune.strategy=partial",
     ]
-    runs = [
-        json.loads(adaptflow("run", "--data", str(data), *sets(overrides), "--json", cwd=work).stdout)
-        for _ in range(2)
-    ]
+    run = ["run", "--data", str(data), *sets(overrides), "--json"]
+    runs = [json.loads(adaptflow(*args, cwd=work).stdout) for args in (run, [*run, "--force"], run)]
     return work, data, overrides, runs
 
 
-def test_first_run_registers_and_promotes(two_runs) -> None:  # type: ignore[no-untyped-def]
-    _work, _data, _overrides, (first, _) = two_runs
+def test_first_run_registers_and_promotes(three_runs) -> None:  # type: ignore[no-untyped-def]
+    _work, _data, _overrides, (first, _, _) = three_runs
     assert first["dataset"]["fingerprint"] and len(first["dataset"]["fingerprint"]) == 64
     assert set(first["dataset"]["counts"]) == {"train", "val", "test"}
     quarantined = {Path(q["uri"]).name for q in first["dataset"]["quarantined"]}
@@ -72,8 +74,8 @@ def test_first_run_registers_and_promotes(two_runs) -> None:  # type: ignore[no-
     assert set(first["stage_seconds"]) >= {"ingest", "baseline", "finetune", "evaluate", "export", "register"}
 
 
-def test_second_run_on_same_data_does_not_promote_and_says_why(two_runs) -> None:  # type: ignore[no-untyped-def]
-    _, _, _, (first, second) = two_runs
+def test_second_run_on_same_data_does_not_promote_and_says_why(three_runs) -> None:  # type: ignore[no-untyped-def]
+    _, _, _, (first, second, _) = three_runs
     assert second["dataset"]["fingerprint"] == first["dataset"]["fingerprint"]
     assert second["champion_before"] == "1"
     assert second["registered_version"] == "2"
@@ -82,10 +84,10 @@ def test_second_run_on_same_data_does_not_promote_and_says_why(two_runs) -> None
     assert second["champion_before_accuracy"] is not None
 
 
-def test_registry_seen_by_a_separate_client(two_runs) -> None:  # type: ignore[no-untyped-def]
+def test_registry_seen_by_a_separate_client(three_runs) -> None:  # type: ignore[no-untyped-def]
     from mlflow.tracking import MlflowClient
 
-    _, _, _, (first, second) = two_runs
+    _, _, _, (first, second, _) = three_runs
     client = MlflowClient(first["mlflow"]["tracking_uri"])
     name = first["mlflow"]["model_name"]
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
@@ -123,7 +125,7 @@ def test_registry_seen_by_a_separate_client(two_runs) -> None:  # type: ignore[n
     assert "baseline.epochs" in baseline.data.params
 
 
-def test_registered_onnx_classifies_test_images(two_runs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_registered_onnx_classifies_test_images(three_runs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import mlflow
 
     from adaptflow.config import load_settings
@@ -133,7 +135,7 @@ def test_registered_onnx_classifies_test_images(two_runs, tmp_path: Path) -> Non
     from adaptflow.onnx_model import load_onnx_classifier
     from adaptflow.registry import download_onnx
 
-    _work, data, _overrides, (first, _) = two_runs
+    _work, data, _overrides, (first, _, _) = three_runs
     mlflow.set_tracking_uri(first["mlflow"]["tracking_uri"])
     model = load_onnx_classifier(download_onnx(f"models:/{first['mlflow']['model_name']}@champion", tmp_path))
     snapshot: Snapshot = ingest(str(data), load_settings().ingest)
@@ -149,8 +151,8 @@ def test_registered_onnx_classifies_test_images(two_runs, tmp_path: Path) -> Non
     )
 
 
-def test_predict_and_history_commands(two_runs) -> None:  # type: ignore[no-untyped-def]
-    work, data, _overrides, (_first, _) = two_runs
+def test_predict_and_history_commands(three_runs) -> None:  # type: ignore[no-untyped-def]
+    work, data, _overrides, (_first, _, _) = three_runs
     state = [f"workdir={work / 'state'}"]
     out = adaptflow("predict", str(data / "7"), "--json", *sets(state), cwd=work)
     rows = json.loads(out.stdout)
@@ -235,3 +237,12 @@ def test_compiled_pipeline_holds_the_condition_and_oneof(tmp_path: Path) -> None
     for executor in ir["deploymentSpec"]["executors"].values():
         assert "pip install" not in " ".join(executor["container"]["command"])  # image already holds kfp
     assert tasks["ingest"].get("cachingOptions", {}).get("enableCache") in (None, False)
+
+
+def test_third_run_on_unchanged_data_skips_training(three_runs) -> None:  # type: ignore[no-untyped-def]
+    _, _, _, (first, _, third) = three_runs
+    assert third["status"] == "unchanged"
+    assert "unchanged" in third["reason"] and "--force" in third["reason"]
+    assert third["registered_version"] is None and third["promoted"] is False
+    assert list(third["stage_seconds"]) == ["ingest"]  # no training stage ran
+    assert third["dataset"]["fingerprint"] == first["dataset"]["fingerprint"]
