@@ -244,6 +244,14 @@ def promote_under_lease(
             p_value = None
             note = f"champion changed during this run (v{seen} -> v{now}); compared again"
         decision = decide_gate(inputs.winner_score, champion_score, inputs.export, p_value, inputs.gate, note)
+        if now != seen and current is not None:
+            decision = GateDecision(promote=decision.promote, reasons=(note or "", *decision.reasons))
+        # Nothing is lost: every version stays registered and says why it was, or was not, promoted.
+        verdict = "promoted" if decision.promote else "rejected"
+        client.set_model_version_tag(inputs.model_name, inputs.version, "adaptflow.gate.decision", verdict)
+        client.set_model_version_tag(
+            inputs.model_name, inputs.version, "adaptflow.gate.reasons", "; ".join(decision.reasons)[:4900]
+        )
         if decision.promote:
             client.set_registered_model_alias(inputs.model_name, CHAMPION, inputs.version)
             record = AuditRecord(

@@ -559,13 +559,6 @@ def register_step(
                 lease,
                 rescore,
             )
-            client = mlflow.MlflowClient(ctx.tracking_uri)
-            client.set_model_version_tag(
-                name, version, "adaptflow.gate.decision", "promoted" if decision.promote else "rejected"
-            )
-            client.set_model_version_tag(
-                name, version, "adaptflow.gate.reasons", "; ".join(decision.reasons)[:4900]
-            )
             mlflow.set_tags(
                 {
                     "adaptflow.promoted": str(decision.promote),
