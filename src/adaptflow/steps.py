@@ -196,6 +196,7 @@ def report_unchanged_step(
 ) -> None:
     """The Else branch of "changed": write an ``unchanged`` summary and close the pipeline run."""
     from adaptflow.registry import get_champion
+    from adaptflow.summary import dataset_summary
     from adaptflow.tracking import finish_pipeline_run
 
     settings = _settings(config_json)
@@ -205,13 +206,7 @@ def report_unchanged_step(
     summary = {
         "status": "unchanged",
         "reason": reason,
-        "dataset": {
-            "source": snapshot.source_uri,
-            "fingerprint": snapshot.fingerprint,
-            "classes": list(snapshot.class_names),
-            "counts": snapshot.counts,
-            "quarantined": [q.model_dump() for q in snapshot.quarantined],
-        },
+        "dataset": dataset_summary(snapshot),
         "champion_before": champion.version if champion else None,
         "promoted": False,
         "registered_version": None,

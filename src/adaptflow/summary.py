@@ -8,6 +8,16 @@ from adaptflow.contracts import BaselineResult, Candidate, Evaluation, ExportRes
 from adaptflow.tracking import TrackingContext
 
 
+def dataset_summary(snapshot: Snapshot) -> dict[str, Any]:
+    return {
+        "source": snapshot.source_uri,
+        "fingerprint": snapshot.fingerprint,
+        "classes": list(snapshot.class_names),
+        "counts": snapshot.counts,
+        "quarantined": [q.model_dump() for q in snapshot.quarantined],
+    }
+
+
 def build_summary(
     snapshot: Snapshot,
     baseline: BaselineResult,
@@ -26,13 +36,7 @@ def build_summary(
 
     return {
         "status": "completed",
-        "dataset": {
-            "source": snapshot.source_uri,
-            "fingerprint": snapshot.fingerprint,
-            "classes": list(snapshot.class_names),
-            "counts": snapshot.counts,
-            "quarantined": [q.model_dump() for q in snapshot.quarantined],
-        },
+        "dataset": dataset_summary(snapshot),
         "baseline": {
             "metrics": test_metrics("baseline")
             | {"val_accuracy": baseline.candidate.metrics["val_accuracy"]},
