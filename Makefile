@@ -9,7 +9,7 @@ IMAGE ?= adaptflow:dev
 BASE_IMAGE ?=
 GIT_COMMIT ?=
 
-.PHONY: install run test test-all lint typecheck clean image test-container stack-up stack-down
+.PHONY: install run test test-all lint typecheck clean image test-container stack-up stack-down stack-status
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,17 @@ image:
 ## Build the image with buildah on a local Debian base and run adaptflow + a KFP component in it (~6 min).
 test-container: $(STAMP)
 	ADAPTFLOW_REQUIRE_CONTAINER=1 $(BIN)/pytest -m container -p no:cacheprovider tests/integration/test_container.py
+
+## Production-like stack on loopback: PostgreSQL + moto S3 + mlflow server; data kept in .adaptflow/stack.
+## `eval "$$(infra/local/stack-up)"` also exports MLFLOW_TRACKING_URI and friends into your shell.
+stack-up: $(STAMP)
+	@infra/local/stack-up
+
+stack-down:
+	@infra/local/stack-down
+
+stack-status:
+	@infra/local/stack-status
 
 clean:
 	rm -rf .adaptflow build *.egg-info

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# production_stack / production_stack_env: PostgreSQL + moto S3 + mlflow server, started by the tests.
+pytest_plugins = ["stack_fixtures"]
+
 # Tests never touch a developer's real tracking server or S3 endpoint.
 for _var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "ADAPTFLOW_S3_ENDPOINT_URL"):
     os.environ.pop(_var, None)

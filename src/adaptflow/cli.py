@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,9 @@ SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="override: section.key=value (repeatable)")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="retrain even if data and config equal the champion's")
+]
 
 
 def _version(value: bool) -> None:
@@ -97,7 +101,7 @@ def pretrain(
 
 
 def _run_and_report(
-    data_uri: str, config: Path | None, overrides: list[str], as_json: bool
+    data_uri: str, config: Path | None, overrides: list[str], as_json: bool, force: bool = False
 ) -> dict[str, Any]:
     from adaptflow.config import load_settings
     from adaptflow.pipelines.local import run_local
@@ -105,9 +109,9 @@ def _run_and_report(
 
     settings = load_settings(config, overrides)  # validation happens before any work
     settings = load_settings(config, [*overrides, f"workdir={Path(settings.workdir).resolve()}"])
-    summary = run_local(settings, data_uri)
+    summary = run_local(settings, data_uri, force=force)
     summary["stage_seconds"] = stage_timings(summary["mlflow"]["tracking_uri"], summary["mlflow"]["run_id"])
-    _emit(summary, as_json, _print_summary)
+    _emit(summary, as_json, _print_summary if summary["status"] == "completed" else _print_unchanged)
     return summary
 
 
@@ -117,9 +121,10 @@ def run(
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Run the whole DAG on one machine through kfp.local (embedded MLflow unless MLFLOW_TRACKING_URI is set)."""
-    _run_and_report(data, config, overrides or [], as_json)
+    _run_and_report(data, config, overrides or [], as_json, force)
 
 
 @app.command()
@@ -131,6 +136,7 @@ def demo(
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """The main job: demo data + pretrained source backbone (made once, cached), then the full DAG."""
     from adaptflow.demo import prepare_demo
@@ -141,7 +147,7 @@ def demo(
         f"backbone.weights_uri={assets.weights_uri}",
         f"backbone.sha256={assets.sha256}",
     ]
-    _run_and_report(str(assets.data / dataset), config, base + (overrides or []), as_json)
+    _run_and_report(str(assets.data / dataset), config, base + (overrides or []), as_json, force)
 
 
 @app.command("compile")
@@ -150,14 +156,18 @@ def compile_cmd(
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     image: Annotated[
-        str | None, typer.Option(help="component image (default: adaptflow's release image)")
+        str | None, typer.Option(help="component image (default: cluster.image or the release image)")
+    ] = None,
+    fingerprint: Annotated[
+        str | None,
+        typer.Option(help="data fingerprint known now: pinned into each cacheable task's cache key"),
     ] = None,
 ) -> None:
-    """Compile the pipeline to KFP IR YAML."""
+    """Compile the pipeline to KFP IR YAML (every cluster.* setting lands in it)."""
     from adaptflow.config import load_settings
-    from adaptflow.pipelines import DEFAULT_IMAGE, compile_pipeline
+    from adaptflow.pipelines import compile_pipeline
 
-    path = compile_pipeline(load_settings(config, overrides or []), output, image or DEFAULT_IMAGE)
+    path = compile_pipeline(load_settings(config, overrides or []), output, image, fingerprint)
     typer.echo(str(path))
 
 
@@ -306,6 +316,226 @@ def predict(
         Console().print(table)
 
 
+schedule_app = typer.Typer(help="Recurring runs on a Kubeflow Pipelines cluster.", no_args_is_help=True)
+app.add_typer(schedule_app, name="schedule")
+HostOpt = Annotated[
+    str, typer.Option("--host", help="KFP API endpoint, e.g. http://localhost:8080 (port-forward)")
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", help="bearer token (default: $KFP_TOKEN, the KFP SA token file, or kube config)"),
+]
+NamespaceOpt = Annotated[str | None, typer.Option("--namespace", help="KFP multi-user namespace")]
+ExperimentOpt = Annotated[str, typer.Option("--experiment", help="KFP experiment")]
+
+
+def _cluster_parameters(data: str, settings: Any, force: bool, version: str) -> dict[str, Any]:
+    return {"data_uri": data, "config_json": settings.to_json(), "force": force, "pipeline_version": version}
+
+
+@app.command()
+def submit(
+    host: HostOpt,
+    data: Annotated[str, typer.Option(help="data URI the cluster can read, e.g. s3://bucket/prefix")],
+    experiment: ExperimentOpt = "adaptflow",
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    run_name: Annotated[str | None, typer.Option(help="KFP run name")] = None,
+    version_name: Annotated[
+        str | None, typer.Option(help="pipeline version name (default: time + hash)")
+    ] = None,
+    token: TokenOpt = None,
+    namespace: NamespaceOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compile, upload a pipeline version and start a run on a Kubeflow Pipelines cluster."""
+    import tempfile
+
+    from adaptflow.config import load_settings
+    from adaptflow.kfp_client import default_version_name, resolve_token
+    from adaptflow.kfp_client import submit as kfp_submit
+    from adaptflow.pipelines import PIPELINE_NAME, compile_pipeline
+
+    settings = load_settings(config, overrides or [])
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(settings, Path(tmp) / "adaptflow.yaml")
+        version = version_name or default_version_name(package)
+        result = kfp_submit(
+            host,
+            package,
+            pipeline_name=PIPELINE_NAME,
+            version_name=version,
+            experiment=experiment,
+            run_name=run_name,
+            parameters=_cluster_parameters(data, settings, force, version),
+            namespace=namespace,
+            existing_token=resolve_token(token),
+        )
+    _emit(result.to_dict(), as_json)
+
+
+@schedule_app.command("create")
+def schedule_create(
+    host: HostOpt,
+    cron: Annotated[str, typer.Option(help="6-field cron, seconds first: '0 0 3 * * 1' = Mondays 03:00")],
+    data: Annotated[str, typer.Option(help="data URI the cluster can read, e.g. s3://bucket/prefix")],
+    name: Annotated[str, typer.Option("--name", help="recurring run name")] = "adaptflow-retrain",
+    experiment: ExperimentOpt = "adaptflow",
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    max_concurrency: Annotated[int, typer.Option(help="runs allowed at once")] = 1,
+    catchup: Annotated[bool, typer.Option("--catchup/--no-catchup", help="backfill missed runs")] = False,
+    replace: Annotated[bool, typer.Option(help="replace a schedule of the same name")] = False,
+    token: TokenOpt = None,
+    namespace: NamespaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Schedule retraining with the latest uploaded pipeline version (upload one with `adaptflow submit`)."""
+    from adaptflow.config import load_settings
+    from adaptflow.kfp_client import create_schedule, resolve_token
+    from adaptflow.pipelines import PIPELINE_NAME
+
+    settings = load_settings(config, overrides or [])
+    recurring_id = create_schedule(
+        host,
+        pipeline_name=PIPELINE_NAME,
+        experiment=experiment,
+        job_name=name,
+        cron=cron,
+        parameters=_cluster_parameters(data, settings, False, ""),
+        max_concurrency=max_concurrency,
+        no_catchup=not catchup,
+        namespace=namespace,
+        existing_token=resolve_token(token),
+        replace=replace,
+    )
+    _emit({"recurring_run_id": recurring_id, "name": name, "cron": cron}, as_json)
+
+
+@schedule_app.command("list")
+def schedule_list(
+    host: HostOpt,
+    experiment: Annotated[str | None, typer.Option(help="only this experiment")] = None,
+    token: TokenOpt = None,
+    namespace: NamespaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List recurring runs."""
+    from adaptflow.kfp_client import list_schedules, resolve_token
+
+    rows = [
+        s.to_dict()
+        for s in list_schedules(host, experiment, namespace=namespace, existing_token=resolve_token(token))
+    ]
+
+    def render(items: list[dict[str, Any]]) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="schedules")
+        for col in ("recurring_run_id", "name", "cron", "enabled", "max_concurrency", "no_catchup"):
+            table.add_column(col)
+        for r in items:
+            table.add_row(
+                *(
+                    str(r.get(c))
+                    for c in ("recurring_run_id", "name", "cron", "enabled", "max_concurrency", "no_catchup")
+                )
+            )
+        Console().print(table)
+
+    _emit(rows, as_json, render)
+
+
+@schedule_app.command("delete")
+def schedule_delete(
+    host: HostOpt,
+    recurring_run_id: Annotated[str, typer.Argument(help="id from `adaptflow schedule list`")],
+    token: TokenOpt = None,
+    namespace: NamespaceOpt = None,
+) -> None:
+    """Delete a recurring run."""
+    from adaptflow.kfp_client import delete_schedule, resolve_token
+
+    delete_schedule(host, recurring_run_id, namespace=namespace, existing_token=resolve_token(token))
+    typer.echo(f"deleted {recurring_run_id}")
+
+
+def _print_unchanged(s: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    Console().print(
+        f"[yellow]unchanged[/]: {s['reason']}\nchampion: v{s['champion_before']}  run {s['mlflow']['run_id']}"
+    )
+
+
+@app.command()
+def compare(
+    data: Annotated[
+        str | None, typer.Option(help="ImageFolder dir, s3://bucket/prefix, or a .csv/.jsonl manifest")
+    ] = None,
+    strategies: Annotated[
+        str, typer.Option(help="comma-separated: linear_probe,partial,full,lora,gradual,scratch")
+    ] = "linear_probe,partial,full,lora,gradual",
+    demo: Annotated[
+        bool,
+        typer.Option(
+            "--demo", help="use the demo assets (data + source backbone, made once under the workdir)"
+        ),
+    ] = False,
+    dataset: Annotated[str, typer.Option(help="with --demo: target or target-shifted")] = "target",
+    train_per_class: Annotated[
+        int | None, typer.Option(help="keep N training images per class (the few-images condition)")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (default: <workdir>/compare)")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Transfer learning vs each fine-tuning strategy on one snapshot and one test split; HTML + Markdown report."""
+    from adaptflow.compare import parse_strategies, run_compare
+    from adaptflow.config import load_settings
+
+    names = parse_strategies(strategies)
+    extra = list(overrides or [])
+    settings = load_settings(config, extra)  # validation happens before any work
+    workdir = Path(settings.workdir).resolve()
+    if demo:
+        from adaptflow.demo import prepare_demo
+
+        if dataset not in ("target", "target-shifted"):
+            raise typer.BadParameter("--dataset must be target or target-shifted")
+        assets = prepare_demo(workdir)
+        extra = [f"backbone.weights_uri={assets.weights_uri}", f"backbone.sha256={assets.sha256}", *extra]
+        data = str(assets.data / dataset)
+    if data is None:
+        raise typer.BadParameter("pass --data DIR, or --demo [--dataset target-shifted]")
+    settings = load_settings(config, [*extra, f"workdir={workdir}"])
+    result = run_compare(data, settings, names, out or workdir / "compare", train_per_class=train_per_class)
+
+    def render(r: Any) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        from adaptflow.report import table_rows
+
+        rows = table_rows(r)
+        table = Table(title=f"transfer learning vs fine-tuning: {r.data_uri}")
+        for col in rows[0]:
+            table.add_column(col, justify="left" if col == "strategy" else "right")
+        for row in rows[1:]:
+            table.add_row(*row)
+        console = Console()
+        console.print(table)
+        console.print(f"[bold]best[/]: {r.best}: {r.best_reason}")
+        console.print(f"[bold]advisor[/]: {r.decision.reason}")
+        console.print(f"[bold]report[/]: {r.report_html}\n        {r.report_markdown}")
+        console.print(f"[bold]mlflow[/]: {r.tracking_uri}  run {r.run_id}")
+
+    _emit(result.model_dump(mode="json") if as_json else result, as_json, render)
+
+
 def _print_summary(s: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -354,6 +584,8 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    # MLflow writes "View run at ..." lines to stdout for tracking servers; stdout is for --json.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         app()
     except AdaptflowError as error:

@@ -142,6 +142,11 @@ class GateConfig(Section):
 
 class RegistryConfig(Section):
     model_name: str = Field("adaptflow-digits", min_length=1)
+    lease_uri: str | None = Field(
+        None,
+        description="where promotion leases live: s3://bucket/prefix (conditional puts) for shared servers; "
+        "default: beside s3:// artifacts, else a file lock under the workdir",
+    )
     lease_ttl_seconds: float = Field(120.0, gt=0)
     lease_wait_seconds: float = Field(300.0, gt=0)
 

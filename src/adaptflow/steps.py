@@ -323,19 +323,17 @@ def finetune_step(
 
     settings = _settings(config_json)
     ctx = _context(settings, parent_run_id)
+    baseline = BaselineResult.load(baseline_dir)
+    cfg = settings.finetune
+    if settings.baseline.advisor.choose_strategy:  # the advisor picked the strategy from its signals
+        cfg = cfg.model_copy(update={"strategy": baseline.decision.strategy})
     with stage_run(
-        ctx,
-        "finetune",
-        {"adaptflow.data_fingerprint": fingerprint, "adaptflow.strategy": settings.finetune.strategy},
+        ctx, "finetune", {"adaptflow.data_fingerprint": fingerprint, "adaptflow.strategy": cfg.strategy}
     ):
-        mlflow.log_params(flat_params("finetune", settings.finetune.model_dump(mode="json")))
+        mlflow.log_params(flat_params("finetune", cfg.model_dump(mode="json")))
         candidate = run_finetune(
             FinetuneInputs(
-                Snapshot.load(snapshot_dir),
-                BaselineResult.load(baseline_dir),
-                Path(baseline_dir) / "candidate",
-                settings.finetune,
-                settings.seed,
+                Snapshot.load(snapshot_dir), baseline, Path(baseline_dir) / "candidate", cfg, settings.seed
             ),
             out_dir,
         )

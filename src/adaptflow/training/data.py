@@ -20,6 +20,7 @@ def make_loader(
     shuffle: bool,
     seed: int = 0,
     num_workers: int = 0,
+    drop_last: bool = False,
 ) -> DataLoader:
     dataset = ManifestDataset(entries, class_names, transform, store)
     generator = torch.Generator().manual_seed(seed)
@@ -29,6 +30,7 @@ def make_loader(
         shuffle=shuffle,
         generator=generator,
         num_workers=num_workers,
+        drop_last=drop_last,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )

@@ -17,7 +17,12 @@ from adaptflow.training.candidates import load_candidate, save_candidate
 from adaptflow.training.data import make_loader
 from adaptflow.training.loop import fit
 from adaptflow.training.runtime import peak_memory_mb, pick_device, reset_peak_memory, seed_everything
-from adaptflow.training.strategies import freeze_batchnorm, plan_strategy
+from adaptflow.training.strategies import (
+    freeze_batchnorm,
+    freeze_frozen_batchnorm,
+    plan_strategy,
+    schedule_epochs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,8 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
         shuffle=True,
         seed=inputs.seed,
         num_workers=cfg.num_workers,
+        # a trailing batch of one image breaks BatchNorm in train mode (freeze_bn=false, scratch)
+        drop_last=len(snapshot.split("train")) % cfg.batch_size == 1,
     )
     val_loader = make_loader(
         snapshot.split("val"),
@@ -79,11 +86,13 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
         channels_last=channels_last,
         scheduler=scheduler,
         on_epoch_start=plan.on_epoch_start,
-        train_mode=freeze_batchnorm if cfg.freeze_bn else None,
+        train_mode=freeze_batchnorm if cfg.freeze_bn else freeze_frozen_batchnorm,
         label=f"finetune-{cfg.strategy}",
+        min_epochs=schedule_epochs(model, cfg),
     )
     if plan.finalize is not None:
         plan.finalize()
+        total = count_parameters(model)[1]  # e.g. LoRA adapters merged away: the exported network's size
     if cfg.strategy == "gradual":
         trainable = count_parameters(model)[0]  # what the schedule had unfrozen by the last epoch
     best = loop.history[loop.best_epoch - 1]

@@ -67,7 +67,9 @@ def fit(
     on_epoch_start: Callable[[int], None] | None = None,
     train_mode: Callable[[nn.Module], None] | None = None,
     label: str = "train",
+    min_epochs: int = 0,
 ) -> LoopResult:
+    """Trains up to ``epochs``; early stopping (``patience``) never ends it before ``min_epochs``."""
     criterion = nn.CrossEntropyLoss()
     history: list[EpochRecord] = []
     best_state = copy.deepcopy(model.state_dict())
@@ -125,7 +127,7 @@ def fit(
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-            if stale >= patience:
+            if stale >= patience and epoch >= min_epochs:
                 log.info("%s: early stop at epoch %d (best epoch %d)", label, epoch, best_epoch)
                 break
     model.load_state_dict(best_state)

@@ -38,13 +38,34 @@ def autocast(device: torch.device, enabled: bool) -> AbstractContextManager[obje
 
 
 def reset_peak_memory(device: torch.device) -> None:
+    """CUDA: resets the allocator's peak. CPU (Linux): resets the process's RSS high-water mark."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # "5" resets VmHWM (Linux >= 4.0), so stages run in one process are measured separately
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak allocated by this stage. CPU: the process's peak resident set size."""
+    """CUDA: peak allocated by this stage. CPU: the process's peak resident set size since the last reset."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    hwm = _vm_hwm_mb()
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024

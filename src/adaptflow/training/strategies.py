@@ -130,3 +130,23 @@ def freeze_batchnorm(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
+
+
+def freeze_frozen_batchnorm(model: nn.Module) -> None:
+    """BatchNorm layers whose parameters are frozen keep their running statistics too.
+
+    Without this, ``freeze_bn=false`` would let a "frozen" backbone (linear_probe, the blocks
+    that partial or gradual have not unfrozen yet) drift through its running statistics.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            module.eval()
+
+
+def schedule_epochs(model: Classifier, cfg: FinetuneConfig) -> int:
+    """Epochs a strategy needs before early stopping may end it (gradual: until every block trains)."""
+    if cfg.strategy == "gradual":
+        return len(model.blocks()) * cfg.gradual_epochs_per_block + 1
+    return 0

@@ -1,0 +1,561 @@
+"""Transfer learning versus fine-tuning, measured: every strategy on one snapshot, one test split.
+
+``run_compare`` ingests once (one snapshot), trains the transfer-learning baseline once (frozen
+backbone, cached features, linear head: the reference row ``baseline``), then trains each requested
+strategy in sequence through :func:`adaptflow.training.finetune.run_finetune`, each starting from
+the baseline head (LP-FT), and scores every model on the same test split with
+:func:`adaptflow.evaluation.score` (accuracy with a bootstrap 95% interval, macro-F1) plus McNemar's
+exact test against the baseline on the very same images.
+
+Strategy names:
+
+- ``linear_probe`` runs *as a strategy* (backbone frozen, head trained end to end on augmented
+  images through the fine-tuning loop). It is not the same row as ``baseline``, which trains the
+  head on cached, un-augmented features; both are reported, so the two can be compared.
+- ``partial``, ``full``, ``lora``, ``gradual``: see :mod:`adaptflow.training.strategies`.
+- ``scratch``: the control. A randomly initialised backbone and head, every parameter trained
+  (``full`` without layer-wise decay, BatchNorm statistics learned), for the same epochs.
+
+Cost figures per row: trainable parameters, wall seconds, training images/s, peak memory (CUDA:
+allocator peak; CPU: the process's RSS high-water mark, reset per strategy), and the train-val
+accuracy gap at the best epoch (the overfitting measure).
+
+MLflow: one parent run ``compare`` and one nested run per strategy. On a cluster the strategies
+fan out with ``dsl.ParallelFor`` (``pipelines/compare.py``), each task calling
+:func:`compare_strategy_step`; :func:`compare_report_step` gathers them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from adaptflow.config import Settings
+from adaptflow.contracts import (
+    BaselineResult,
+    Candidate,
+    Contract,
+    EpochRecord,
+    FinetuneDecision,
+    ModelScore,
+    Snapshot,
+)
+from adaptflow.data.images import ImageStore
+from adaptflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STRATEGIES: tuple[str, ...] = ("linear_probe", "partial", "full", "lora", "gradual", "scratch")
+BASELINE = "baseline"
+OUTCOME_FILE = "outcome.json"
+
+
+class StrategyOutcome(Contract):
+    """One row of the comparison: a trained model, its test score and what it cost."""
+
+    FILE: ClassVar[str] = OUTCOME_FILE
+
+    strategy: str
+    candidate: str
+    score: ModelScore
+    trainable_params: int
+    total_params: int
+    wall_seconds: float
+    images_per_second: float | None
+    peak_memory_mb: float | None
+    train_accuracy: float
+    val_accuracy: float
+    train_val_gap: float
+    best_epoch: int
+    epochs_run: int
+    history: tuple[EpochRecord, ...] = ()
+    p_value_vs_baseline: float | None = None
+    run_id: str | None = None
+
+
+class CompareResult(Contract):
+    FILE: ClassVar[str] = "compare.json"
+
+    data_uri: str
+    fingerprint: str
+    class_names: tuple[str, ...]
+    counts: dict[str, int]
+    min_train_images_per_class: int
+    test_size: int
+    decision: FinetuneDecision
+    outcomes: tuple[StrategyOutcome, ...]
+    best: str
+    best_reason: str
+    finetune_margin: float
+    epochs: int
+    device: str
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    report_html: str | None = None
+    report_markdown: str | None = None
+
+    def outcome(self, strategy: str) -> StrategyOutcome:
+        for o in self.outcomes:
+            if o.strategy == strategy:
+                return o
+        raise KeyError(strategy)
+
+
+def parse_strategies(text: str | Sequence[str]) -> list[str]:
+    """``"partial,full"`` or a list -> validated, de-duplicated names in the given order."""
+    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else [s.strip() for s in text]
+    names = [s for s in dict.fromkeys(items) if s and s != BASELINE]
+    unknown = [s for s in names if s not in STRATEGIES]
+    if unknown:
+        raise ConfigError(
+            f"unknown strategy {unknown[0]!r}",
+            hint=f"valid strategies: {', '.join(STRATEGIES)} (the baseline always runs)",
+        )
+    return names
+
+
+def subsample_train(snapshot: Snapshot, per_class: int) -> Snapshot:
+    """The few-images condition: keep ``per_class`` training images per class (val and test unchanged).
+
+    Deterministic: within each class the images with the smallest sha256 are kept, so the subset
+    depends on the content only. The fingerprint records the subsample.
+    """
+    if per_class < 1:
+        raise ConfigError(f"train images per class must be >= 1, got {per_class}")
+    chosen: set[str] = set()
+    for label in snapshot.class_names:
+        train = sorted((e for e in snapshot.split("train") if e.label == label), key=lambda e: e.sha256)
+        chosen.update(e.uri for e in train[:per_class])
+    entries = [e for e in snapshot.entries if e.split != "train" or e.uri in chosen]  # original order
+    counts = {split: sum(1 for e in entries if e.split == split) for split in ("train", "val", "test")}
+    class_counts = {
+        split: {c: sum(1 for e in entries if e.split == split and e.label == c) for c in snapshot.class_names}
+        for split in ("train", "val", "test")
+    }
+    fingerprint = hashlib.sha256(f"{snapshot.fingerprint}|train-per-class={per_class}".encode()).hexdigest()
+    return snapshot.model_copy(
+        update={
+            "entries": tuple(entries),
+            "counts": counts,
+            "class_counts": class_counts,
+            "fingerprint": fingerprint,
+        }
+    )
+
+
+def test_labels(snapshot: Snapshot) -> np.ndarray:
+    index = {c: i for i, c in enumerate(snapshot.class_names)}
+    return np.array([index[e.label] for e in snapshot.split("test")], dtype=np.int64)
+
+
+def score_folder(
+    folder: Path, name: str, snapshot: Snapshot, settings: Settings, store: ImageStore
+) -> tuple[ModelScore, np.ndarray]:
+    from adaptflow.evaluation import predict_candidate, score
+
+    preds = predict_candidate(folder, snapshot.split("test"), store, settings.evaluate.batch_size)
+    y = test_labels(snapshot)
+    return score(name, "candidate", y, preds, snapshot.class_names, settings.evaluate), preds
+
+
+def _scratch_init(baseline_dir: Path, out: Path, seed: int) -> Path:
+    """A candidate folder with a randomly initialised backbone and head (the from-scratch control)."""
+    import torch
+
+    from adaptflow.models.factory import build_model
+    from adaptflow.training.candidates import save_candidate
+
+    base = Candidate.load(baseline_dir)
+    torch.manual_seed(seed)
+    model = build_model(base.backbone.name, len(base.class_names))
+    init = base.model_copy(update={"name": "scratch-init", "strategy": "scratch", "history": ()})
+    save_candidate(init, model, out)
+    return out
+
+
+def train_strategy(
+    strategy: str,
+    snapshot: Snapshot,
+    baseline: BaselineResult,
+    baseline_dir: Path,
+    settings: Settings,
+    out_dir: Path,
+    store: ImageStore,
+) -> Candidate:
+    """Trains one strategy from the baseline candidate (``scratch``: from a random init)."""
+    from adaptflow.training.finetune import FinetuneInputs, run_finetune
+
+    if strategy == "scratch":
+        start = time.perf_counter()
+        init = _scratch_init(baseline_dir, out_dir.parent / f"{out_dir.name}-init", settings.seed)
+        cfg = settings.finetune.model_copy(
+            update={"strategy": "full", "layer_decay": 1.0, "freeze_bn": False}
+        )
+        trained = run_finetune(FinetuneInputs(snapshot, baseline, init, cfg, settings.seed), out_dir, store)
+        candidate = trained.model_copy(
+            update={
+                "name": "scratch",
+                "strategy": "scratch",
+                "cost": trained.cost.model_copy(update={"wall_seconds": time.perf_counter() - start}),
+                "extra": {**trained.extra, "init": "random"},
+            }
+        )
+        candidate.save(out_dir)
+        return candidate
+    cfg = settings.finetune.model_copy(update={"strategy": strategy})
+    return run_finetune(FinetuneInputs(snapshot, baseline, baseline_dir, cfg, settings.seed), out_dir, store)
+
+
+def outcome_of(
+    strategy: str,
+    candidate: Candidate,
+    model_score: ModelScore,
+    p_value: float | None = None,
+    run_id: str | None = None,
+) -> StrategyOutcome:
+    m, cost = candidate.metrics, candidate.cost
+    return StrategyOutcome(
+        strategy=strategy,
+        candidate=candidate.name,
+        score=model_score,
+        trainable_params=cost.trainable_params,
+        total_params=cost.total_params,
+        wall_seconds=round(cost.wall_seconds, 3),
+        images_per_second=cost.train_images_per_second,
+        peak_memory_mb=cost.peak_memory_mb,
+        train_accuracy=m["train_accuracy"],
+        val_accuracy=m["val_accuracy"],
+        train_val_gap=m["train_val_gap"],
+        best_epoch=int(candidate.extra.get("best_epoch", "0") or 0)
+        or max(range(len(candidate.history)), key=lambda i: candidate.history[i].val_accuracy, default=-1)
+        + 1,
+        epochs_run=cost.epochs_run,
+        history=candidate.history,
+        p_value_vs_baseline=p_value,
+        run_id=run_id,
+    )
+
+
+def _log_outcome(outcome: StrategyOutcome, prefix: str = "") -> None:
+    import mlflow
+
+    s = outcome.score
+    metrics = {
+        "test_accuracy": s.accuracy,
+        "test_accuracy_ci_low": s.accuracy_ci95[0],
+        "test_accuracy_ci_high": s.accuracy_ci95[1],
+        "test_macro_f1": s.macro_f1,
+        "trainable_params": float(outcome.trainable_params),
+        "total_params": float(outcome.total_params),
+        "wall_seconds": outcome.wall_seconds,
+        "train_val_gap": outcome.train_val_gap,
+        "val_accuracy": outcome.val_accuracy,
+        "train_accuracy": outcome.train_accuracy,
+        "epochs_run": float(outcome.epochs_run),
+    }
+    if outcome.images_per_second:
+        metrics["images_per_second"] = outcome.images_per_second
+    if outcome.peak_memory_mb:
+        metrics["peak_memory_mb"] = outcome.peak_memory_mb
+    if outcome.p_value_vs_baseline is not None:
+        metrics["mcnemar_p_vs_baseline"] = outcome.p_value_vs_baseline
+    mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items()})
+    if not prefix:
+        for h in outcome.history:
+            mlflow.log_metrics(
+                {"epoch_train_accuracy": h.train_accuracy, "epoch_val_accuracy": h.val_accuracy},
+                step=h.epoch,
+            )
+
+
+def _baseline_outcome(result: BaselineResult, model_score: ModelScore) -> StrategyOutcome:
+    return outcome_of(BASELINE, result.candidate, model_score)
+
+
+def assemble(
+    data_uri: str,
+    snapshot: Snapshot,
+    baseline: BaselineResult,
+    outcomes: list[StrategyOutcome],
+    settings: Settings,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+) -> CompareResult:
+    """The comparison, with the best row chosen like evaluate does (must beat the baseline by the margin)."""
+    from adaptflow.evaluation import choose_winner
+
+    base = next(o for o in outcomes if o.strategy == BASELINE)
+    others = [o.score for o in outcomes if o.strategy != BASELINE]
+    best, reason = choose_winner(base.score, others, settings.evaluate.finetune_margin)
+    best_strategy = next(o.strategy for o in outcomes if o.score.name == best)
+    return CompareResult(
+        data_uri=data_uri,
+        fingerprint=snapshot.fingerprint,
+        class_names=snapshot.class_names,
+        counts=snapshot.counts,
+        min_train_images_per_class=min(snapshot.class_counts["train"].values()),
+        test_size=len(snapshot.split("test")),
+        decision=baseline.decision,
+        outcomes=tuple(outcomes),
+        best=best_strategy,
+        best_reason=reason,
+        finetune_margin=settings.evaluate.finetune_margin,
+        epochs=settings.finetune.epochs,
+        device=baseline.candidate.cost.device,
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+    )
+
+
+def _run_baseline(snapshot: Snapshot, settings: Settings, out: Path, store: ImageStore) -> BaselineResult:
+    from adaptflow.models.weights import resolve_weights
+    from adaptflow.training.baseline import BaselineInputs, run_baseline
+
+    workdir = Path(settings.workdir).resolve()
+    weights = resolve_weights(settings.backbone, workdir / "cache" / "weights")
+    cache_dir = Path(settings.baseline.feature_cache_dir or workdir / "cache" / "features")
+    inputs = BaselineInputs(
+        snapshot, settings.backbone, weights, settings.baseline, settings.finetune, cache_dir, settings.seed
+    )
+    return run_baseline(inputs, out, store)
+
+
+def run_compare(
+    data_uri: str,
+    settings: Settings,
+    strategies: Sequence[str],
+    out_dir: str | Path,
+    *,
+    train_per_class: int | None = None,
+    track: bool = True,
+    report: bool = True,
+) -> CompareResult:
+    """Baseline + each strategy on one snapshot, scored on the same test split; logged and reported.
+
+    ``train_per_class`` keeps that many training images per class (the few-images condition).
+    ``track=False`` skips MLflow (benchmarks); ``report=False`` skips the HTML/Markdown report.
+    """
+    from adaptflow.data.ingest import ingest
+
+    names = parse_strategies(strategies)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    store = ImageStore()
+    snapshot = ingest(data_uri, settings.ingest)
+    if train_per_class is not None:
+        snapshot = subsample_train(snapshot, train_per_class)
+    snapshot.save(out / "snapshot")
+
+    ctx = None
+    if track:
+        from adaptflow.tracking import start_pipeline_run
+
+        ctx = start_pipeline_run(
+            settings,
+            "compare",
+            {
+                "adaptflow.stage": "compare",
+                "adaptflow.data_uri": data_uri,
+                "adaptflow.data_fingerprint": snapshot.fingerprint,
+                "adaptflow.strategies": ",".join(names),
+            },
+        )
+    try:
+        result = _compare(data_uri, snapshot, settings, names, out, store, ctx)
+        if report:
+            from adaptflow.report import write_report
+
+            html, markdown = write_report(result, out / "report")
+            result = result.model_copy(update={"report_html": str(html), "report_markdown": str(markdown)})
+            if ctx is not None:
+                from mlflow import MlflowClient
+
+                client = MlflowClient(ctx.tracking_uri)
+                client.log_artifact(ctx.parent_run_id, str(html), "report")
+                client.log_artifact(ctx.parent_run_id, str(markdown), "report")
+                for png in sorted((out / "report" / "plots").glob("*.png")):
+                    client.log_artifact(ctx.parent_run_id, str(png), "report/plots")
+        result.save(out)
+        if ctx is not None:
+            from mlflow import MlflowClient
+
+            MlflowClient(ctx.tracking_uri).log_artifact(ctx.parent_run_id, str(out / CompareResult.FILE))
+    except BaseException:
+        if ctx is not None:
+            from adaptflow.tracking import finish_pipeline_run
+
+            finish_pipeline_run(ctx, "FAILED")
+        raise
+    if ctx is not None:
+        from adaptflow.tracking import finish_pipeline_run
+
+        finish_pipeline_run(ctx)
+    return result
+
+
+def _compare(
+    data_uri: str,
+    snapshot: Snapshot,
+    settings: Settings,
+    names: list[str],
+    out: Path,
+    store: ImageStore,
+    ctx: object,
+) -> CompareResult:
+    from adaptflow.evaluation import mcnemar_exact
+    from adaptflow.tracking import TrackingContext, flat_params, stage_run
+
+    tracking = ctx if isinstance(ctx, TrackingContext) else None
+    y = test_labels(snapshot)
+    baseline_dir = out / "baseline" / "candidate"
+    if tracking is not None:
+        import mlflow
+
+        with stage_run(tracking, BASELINE, {"adaptflow.strategy": BASELINE}) as run:
+            mlflow.log_params(flat_params("finetune", settings.finetune.model_dump(mode="json")))
+            baseline = _run_baseline(snapshot, settings, out / "baseline", store)
+            base_score, base_preds = score_folder(baseline_dir, BASELINE, snapshot, settings, store)
+            outcomes = [
+                _baseline_outcome(baseline, base_score).model_copy(update={"run_id": run.info.run_id})
+            ]
+            _log_outcome(outcomes[0])
+            mlflow.log_params({f"advisor.{k}": v for k, v in baseline.decision.signals.items()})
+            mlflow.set_tag("adaptflow.advisor_reason", baseline.decision.reason[:4900])
+    else:
+        baseline = _run_baseline(snapshot, settings, out / "baseline", store)
+        base_score, base_preds = score_folder(baseline_dir, BASELINE, snapshot, settings, store)
+        outcomes = [_baseline_outcome(baseline, base_score)]
+
+    for strategy in names:
+        folder = out / "strategies" / strategy
+
+        def one(strategy: str = strategy, folder: Path = folder) -> StrategyOutcome:
+            candidate = train_strategy(strategy, snapshot, baseline, baseline_dir, settings, folder, store)
+            model_score, preds = score_folder(folder, candidate.name, snapshot, settings, store)
+            return outcome_of(strategy, candidate, model_score, mcnemar_exact(y, preds, base_preds))
+
+        if tracking is not None:
+            import mlflow
+
+            with stage_run(tracking, f"compare-{strategy}", {"adaptflow.strategy": strategy}) as run:
+                outcome = one().model_copy(update={"run_id": run.info.run_id})
+                _log_outcome(outcome)
+        else:
+            outcome = one()
+        log.info(
+            "compare: %-12s test accuracy %.4f [%.4f, %.4f], %d trainable, %.1fs",
+            strategy,
+            outcome.score.accuracy,
+            *outcome.score.accuracy_ci95,
+            outcome.trainable_params,
+            outcome.wall_seconds,
+        )
+        outcomes.append(outcome)
+
+    result = assemble(
+        data_uri,
+        snapshot,
+        baseline,
+        outcomes,
+        settings,
+        tracking.tracking_uri if tracking else None,
+        tracking.parent_run_id if tracking else None,
+    )
+    if tracking is not None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking.tracking_uri)
+        for o in outcomes:
+            client.log_metric(tracking.parent_run_id, f"{o.strategy}.test_accuracy", o.score.accuracy)
+            client.log_metric(tracking.parent_run_id, f"{o.strategy}.wall_seconds", o.wall_seconds)
+        client.set_tag(tracking.parent_run_id, "adaptflow.compare.best", result.best)
+        client.set_tag(tracking.parent_run_id, "adaptflow.compare.best_reason", result.best_reason[:4900])
+    return result
+
+
+# --- KFP steps (called by components/compare.py) ---------------------------------------------
+
+
+def compare_strategy_step(
+    snapshot_dir: str,
+    baseline_dir: str,
+    strategy: str,
+    config_json: str,
+    parent_run_id: str,
+    out_dir: str,
+) -> float:
+    """One ParallelFor task: trains ``strategy`` from the baseline, scores it; returns test accuracy."""
+    import mlflow
+
+    from adaptflow.evaluation import mcnemar_exact
+    from adaptflow.logs import setup_logging
+    from adaptflow.tracking import TrackingContext, resolve_tracking_uri, stage_run
+
+    setup_logging()
+    settings = Settings.from_json(config_json)
+    (name,) = parse_strategies([strategy])
+    snapshot = Snapshot.load(snapshot_dir)
+    baseline = BaselineResult.load(baseline_dir)
+    out = Path(out_dir)
+    store = ImageStore()
+    uri = resolve_tracking_uri(settings)
+    experiment_id = mlflow.MlflowClient(uri).get_run(parent_run_id).info.experiment_id
+    ctx = TrackingContext(uri, str(experiment_id), parent_run_id)
+    with stage_run(ctx, f"compare-{name}", {"adaptflow.strategy": name}) as run:
+        base_dir = Path(baseline_dir) / "candidate"
+        _, base_preds = score_folder(base_dir, BASELINE, snapshot, settings, store)
+        candidate = train_strategy(name, snapshot, baseline, base_dir, settings, out / "candidate", store)
+        model_score, preds = score_folder(out / "candidate", candidate.name, snapshot, settings, store)
+        outcome = outcome_of(
+            name,
+            candidate,
+            model_score,
+            mcnemar_exact(test_labels(snapshot), preds, base_preds),
+            run.info.run_id,
+        )
+        _log_outcome(outcome)
+    outcome.save(out)
+    return outcome.score.accuracy
+
+
+def compare_report_step(
+    snapshot_dir: str,
+    baseline_dir: str,
+    outcome_dirs: list[str],
+    data_uri: str,
+    config_json: str,
+    parent_run_id: str,
+    out_dir: str,
+) -> str:
+    """Gathers the ParallelFor outcomes into one CompareResult + report; returns the best strategy."""
+    import mlflow
+
+    from adaptflow.logs import setup_logging
+    from adaptflow.report import write_report
+    from adaptflow.tracking import resolve_tracking_uri
+
+    setup_logging()
+    settings = Settings.from_json(config_json)
+    snapshot = Snapshot.load(snapshot_dir)
+    baseline = BaselineResult.load(baseline_dir)
+    store = ImageStore()
+    base_score, _ = score_folder(Path(baseline_dir) / "candidate", BASELINE, snapshot, settings, store)
+    outcomes = [_baseline_outcome(baseline, base_score)]
+    outcomes += [StrategyOutcome.load(folder) for folder in outcome_dirs]
+    uri = resolve_tracking_uri(settings)
+    result = assemble(data_uri, snapshot, baseline, outcomes, settings, uri, parent_run_id)
+    out = Path(out_dir)
+    html, markdown = write_report(result, out / "report")
+    result = result.model_copy(update={"report_html": str(html), "report_markdown": str(markdown)})
+    result.save(out)
+    client = mlflow.MlflowClient(uri)
+    for path in (html, markdown, out / CompareResult.FILE):
+        client.log_artifact(parent_run_id, str(path), "report")
+    client.set_tag(parent_run_id, "adaptflow.compare.best", result.best)
+    return result.best
