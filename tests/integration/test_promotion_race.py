@@ -32,7 +32,7 @@ def _setup(uri: str, workdir: Path, model: str, champion_score: float) -> tuple[
     run = client.create_run(experiment)
     v0 = str(
         client.create_model_version(
-            model, "runs:/x/model", run.info.run_id, tags={SCORE_TAG: str(champion_score)}
+            model, f"runs:/{run.info.run_id}/model", run.info.run_id, tags={SCORE_TAG: str(champion_score)}
         ).version
     )
     client.set_registered_model_alias(model, CHAMPION, v0)
@@ -42,7 +42,7 @@ def _setup(uri: str, workdir: Path, model: str, champion_score: float) -> tuple[
 def _new_version(client: MlflowClient, model: str, experiment: str, score: float) -> tuple[str, str]:
     run = client.create_run(experiment).info.run_id
     return str(
-        client.create_model_version(model, "runs:/x/model", run, tags={SCORE_TAG: str(score)}).version
+        client.create_model_version(model, f"runs:/{run}/model", run, tags={SCORE_TAG: str(score)}).version
     ), run
 
 
