@@ -125,7 +125,7 @@ def run_baseline(
         label="baseline head",
     )
     model.head.load_state_dict(head.state_dict())
-    best = loop.history[loop.best_epoch - 1]
+    best = loop.best
 
     # Advisor signals, each measured here.
     train_counts = snapshot.class_counts["train"]
@@ -156,16 +156,13 @@ def run_baseline(
         class_names=classes,
         preprocessing=pre,
         metrics={
-            "train_accuracy": best.train_accuracy,
-            "val_accuracy": best.val_accuracy,
-            "val_loss": best.val_loss,
-            "train_val_gap": best.train_accuracy - best.val_accuracy,
+            **loop.best_metrics(),
         },
         cost=CostFigures(
             wall_seconds=time.perf_counter() - start,
             trainable_params=trainable,
             total_params=total,
-            train_images_per_second=loop.train_images / loop.train_seconds if loop.train_seconds else None,
+            train_images_per_second=loop.images_per_second,
             peak_memory_mb=peak_memory_mb(device),
             epochs_run=len(loop.history),
             backbone_forward_images=feats.computed,

@@ -95,7 +95,7 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
         total = count_parameters(model)[1]  # e.g. LoRA adapters merged away: the exported network's size
     if cfg.strategy == "gradual":
         trainable = count_parameters(model)[0]  # what the schedule had unfrozen by the last epoch
-    best = loop.history[loop.best_epoch - 1]
+    best = loop.best
     candidate = Candidate(
         name=f"finetune-{cfg.strategy}",
         strategy=cfg.strategy,
@@ -104,17 +104,14 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
         class_names=classes,
         preprocessing=pre,
         metrics={
-            "train_accuracy": best.train_accuracy,
-            "val_accuracy": best.val_accuracy,
-            "val_loss": best.val_loss,
-            "train_val_gap": best.train_accuracy - best.val_accuracy,
+            **loop.best_metrics(),
             "baseline_val_accuracy": base.metrics["val_accuracy"],
         },
         cost=CostFigures(
             wall_seconds=time.perf_counter() - start,
             trainable_params=trainable,
             total_params=total,
-            train_images_per_second=loop.train_images / loop.train_seconds if loop.train_seconds else None,
+            train_images_per_second=loop.images_per_second,
             peak_memory_mb=peak_memory_mb(device),
             epochs_run=len(loop.history),
             backbone_forward_images=loop.train_images,

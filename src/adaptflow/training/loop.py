@@ -31,6 +31,24 @@ class LoopResult:
     train_images: int
     train_seconds: float
 
+    @property
+    def best(self) -> EpochRecord:
+        return self.history[self.best_epoch - 1]
+
+    def best_metrics(self) -> dict[str, float]:
+        """Metrics of the kept (best) epoch; the train-val gap is the overfitting measure."""
+        b = self.best
+        return {
+            "train_accuracy": b.train_accuracy,
+            "val_accuracy": b.val_accuracy,
+            "val_loss": b.val_loss,
+            "train_val_gap": b.train_accuracy - b.val_accuracy,
+        }
+
+    @property
+    def images_per_second(self) -> float | None:
+        return self.train_images / self.train_seconds if self.train_seconds else None
+
 
 def evaluate_loader(
     model: nn.Module, loader: DataLoader, device: torch.device, amp: bool, channels_last: bool = False
