@@ -24,7 +24,9 @@ def run(workdir: Path, *extra: str) -> tuple[dict, float]:
     start = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-m", "adaptflow.cli", "demo", "--workdir", str(workdir), "--json", *extra],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
         env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
     )
     return json.loads(out.stdout), time.perf_counter() - start
@@ -42,10 +44,15 @@ def main() -> None:
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}; date {time.strftime('%Y-%m-%d')}",
         "- command: `.venv/bin/python bench/demo_run.py`",
         "",
-        "| run | total s | " + " | ".join(cold["stage_seconds"]) + " | backbone forwards / image (baseline) |",
+        "| run | total s | "
+        + " | ".join(cold["stage_seconds"])
+        + " | backbone forwards / image (baseline) |",
         "|---|---|" + "---|" * len(cold["stage_seconds"]) + "---|",
     ]
-    for name, summary, seconds in (("cold (data + pretrain + DAG)", cold, cold_s), ("warm (--force)", warm, warm_s)):
+    for name, summary, seconds in (
+        ("cold (data + pretrain + DAG)", cold, cold_s),
+        ("warm (--force)", warm, warm_s),
+    ):
         forwards = summary["baseline"]["cost"]["backbone_forward_images"] / seen
         stages = " | ".join(f"{summary['stage_seconds'].get(s, 0):.1f}" for s in cold["stage_seconds"])
         lines.append(f"| {name} | {seconds:.1f} | {stages} | {forwards:.2f} |")
