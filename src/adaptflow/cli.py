@@ -588,12 +588,17 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         app()
-    except AdaptflowError as error:
-        logging.getLogger("adaptflow").error("%s", error.message)
-        typer.echo(f"error: {error.message}", err=True)
-        if error.hint:
-            typer.echo(f"hint: {error.hint}", err=True)
-        sys.exit(error.exit_code)
+    except (AdaptflowError, OSError) as error:
+        from adaptflow.steps import describe_error
+
+        message, hint = describe_error(error)
+        if isinstance(error, OSError) and hint is None:
+            raise  # an unexpected OS error keeps its traceback
+        logging.getLogger("adaptflow").error("%s", message)
+        typer.echo(f"error: {message}", err=True)
+        if hint:
+            typer.echo(f"hint: {hint}", err=True)
+        sys.exit(error.exit_code if isinstance(error, AdaptflowError) else 2)
 
 
 if __name__ == "__main__":

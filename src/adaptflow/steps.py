@@ -7,6 +7,7 @@ the output folder. Nothing here knows whether it runs in a Kubeflow pod or under
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -37,6 +38,20 @@ ERROR_FILE_ENV = "ADAPTFLOW_ERROR_FILE"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def describe_error(error: BaseException) -> tuple[str, str | None]:
+    """(message, hint) for the user: our own errors carry both; a full disk gets its own advice."""
+    if isinstance(error, AdaptflowError):
+        return error.message, error.hint
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = error.filename or "the output folder"
+        return (
+            f"disk full while writing {where}",
+            "free space there, or point workdir / the pipeline root at a larger volume; outputs are "
+            "written to a temporary file and renamed, so nothing already saved was damaged",
+        )
+    return f"{type(error).__name__}: {error}", None
+
+
 def reports_errors(stage: str) -> Callable[[F], F]:
     """Logs a stage's failure clearly, records it for the local runner, and re-raises."""
 
@@ -46,10 +61,7 @@ def reports_errors(stage: str) -> Callable[[F], F]:
             try:
                 return func(*args, **kwargs)
             except Exception as error:
-                message = (
-                    error.message if isinstance(error, AdaptflowError) else f"{type(error).__name__}: {error}"
-                )
-                hint = error.hint if isinstance(error, AdaptflowError) else None
+                message, hint = describe_error(error)
                 log.error("stage %s failed: %s%s", stage, message, f" (hint: {hint})" if hint else "")
                 path = os.environ.get(ERROR_FILE_ENV)
                 if path:
