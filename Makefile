@@ -52,6 +52,7 @@ test-container: $(STAMP)
 ## `eval "$$(infra/local/stack-up)"` also exports MLFLOW_TRACKING_URI and friends into your shell.
 stack-up: $(STAMP)
 	@infra/local/stack-up
+	@echo '# to use it from this shell: eval "$$(infra/local/stack-up)"' >&2
 
 stack-down:
 	@infra/local/stack-down
