@@ -85,11 +85,12 @@ class AdvisorConfig(Section):
 
 
 class BaselineConfig(Section):
-    epochs: int = Field(200, ge=1)
-    lr: float = Field(0.01, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    batch_size: int = Field(256, ge=1)
-    patience: int = Field(20, ge=1, description="epochs without val improvement before stopping")
+    epochs: int = Field(
+        50, ge=1, description="L-BFGS steps of the linear probe (each up to lbfgs_iterations)"
+    )
+    lbfgs_iterations: int = Field(20, ge=1)
+    l2: float = Field(1e-3, ge=0, description="L2 penalty on the head's weights")
+    patience: int = Field(10, ge=1, description="steps without val improvement before stopping")
     feature_batch_size: int = Field(128, ge=1)
     feature_cache_dir: str | None = Field(
         None, description="where backbone features are cached; default <workdir>/cache/features"

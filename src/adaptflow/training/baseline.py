@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from adaptflow.config import BackboneSpec, BaselineConfig, FinetuneConfig
 from adaptflow.contracts import BaselineResult, Candidate, CostFigures, Snapshot
@@ -24,7 +23,7 @@ from adaptflow.models.weights import ResolvedWeights
 from adaptflow.training.advisor import SignalValue, advise
 from adaptflow.training.candidates import save_candidate
 from adaptflow.training.features import FeatureCache, cache_namespace, extract_features
-from adaptflow.training.loop import fit
+from adaptflow.training.probe import train_linear_probe
 from adaptflow.training.runtime import peak_memory_mb, pick_device, reset_peak_memory, seed_everything
 
 log = logging.getLogger(__name__)
@@ -107,23 +106,7 @@ def run_baseline(
     y_train = torch.from_numpy(_labels(train, classes))
     y_val = torch.from_numpy(_labels(val, classes))
 
-    head = nn.Linear(model.feature_dim, len(classes))
-    generator = torch.Generator().manual_seed(inputs.seed)
-    train_loader = DataLoader(
-        TensorDataset(x_train, y_train), batch_size=cfg.batch_size, shuffle=True, generator=generator
-    )
-    val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=1024)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loop = fit(
-        head,
-        train_loader,
-        val_loader,
-        optimizer,
-        epochs=cfg.epochs,
-        patience=cfg.patience,
-        device=torch.device("cpu"),
-        label="baseline head",
-    )
+    head, loop = train_linear_probe(x_train, y_train, x_val, y_val, len(classes), cfg, inputs.seed)
     model.head.load_state_dict(head.state_dict())
     best = loop.best
 
