@@ -1,11 +1,12 @@
-"""The literature's direction, reproduced on split-task digits (bench/evidence.py, issue 5 item 4).
+"""The literature's direction, checked on split-task digits (bench/evidence.py, issue 5 item 4).
 
-- On the shifted target, fine-tuning beats the frozen baseline.
-- On the in-domain target with few images per class, the advisor keeps the baseline, and fine-tuning
-  does not beat it by the finetune margin.
-- With few images, transfer beats training from scratch: NOT reproduced here (bench/RESULTS.md: the
-  from-scratch control beat the weak, 8-epoch source backbone's linear probe at 10 images per class),
-  so it is an xfail that documents the measurement.
+Measured with the converged (L-BFGS) linear probe, see bench/RESULTS.md:
+- With few images, transfer beats training from scratch: reproduced (0.770 vs 0.652 in-domain).
+- On the in-domain target with few images per class, the advisor keeps the baseline, and no
+  fine-tuned model leaves the baseline's 95% interval upwards: reproduced.
+- On the shifted target, fine-tuning beats the frozen baseline: NOT reproduced. Inverted + rotated
+  digits stay linearly separable in the source features (probe 0.988 vs full fine-tuning 0.971);
+  the earlier "win" came from an under-trained probe. It stays an xfail that documents this.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def _by_strategy(rows: list) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    reason="not reproduced: the converged probe reaches 0.988 on inverted+rotated digits (bench/RESULTS.md)",
+    strict=False,
+)
 def test_shifted_target_fine_tuning_beats_the_frozen_baseline(ev: ModuleType, workdir: Path) -> None:
     rows = _by_strategy(ev.run_condition(ev.Condition("target-shifted", None), workdir, ("full",), epochs=6))
     base, full = rows["baseline"], rows["full"]
@@ -61,9 +66,6 @@ def test_few_images_in_domain_keeps_the_baseline(ev: ModuleType, workdir: Path) 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="not robust at 10 images/class: flipped between runs (bench/RESULTS.md)", strict=False
-)
 def test_few_images_transfer_beats_training_from_scratch(ev: ModuleType, workdir: Path) -> None:
     rows = _by_strategy(ev.run_condition(ev.Condition("target", 10), workdir, ("scratch",), epochs=6))
     assert rows["baseline"].accuracy > rows["scratch"].accuracy, (
