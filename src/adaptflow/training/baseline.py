@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from adaptflow.config import BackboneSpec, BaselineConfig, FinetuneConfig
-from adaptflow.contracts import BaselineResult, Candidate, CostFigures, Snapshot
+from adaptflow.contracts import BaselineResult, Candidate, Snapshot
 from adaptflow.data.images import ImageStore, train_transform
 from adaptflow.models.factory import build_model, count_parameters
 from adaptflow.models.weights import ResolvedWeights
@@ -24,7 +24,7 @@ from adaptflow.training.advisor import SignalValue, advise
 from adaptflow.training.candidates import save_candidate
 from adaptflow.training.features import FeatureCache, cache_namespace, extract_features
 from adaptflow.training.probe import train_linear_probe
-from adaptflow.training.runtime import peak_memory_mb, pick_device, reset_peak_memory, seed_everything
+from adaptflow.training.runtime import pick_device, reset_peak_memory, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +141,12 @@ def run_baseline(
         metrics={
             **loop.best_metrics(),
         },
-        cost=CostFigures(
-            wall_seconds=time.perf_counter() - start,
-            trainable_params=trainable,
-            total_params=total,
-            train_images_per_second=loop.images_per_second,
-            peak_memory_mb=peak_memory_mb(device),
-            epochs_run=len(loop.history),
+        cost=loop.cost(
+            started=start,
+            trainable=trainable,
+            total=total,
+            device=device,
             backbone_forward_images=feats.computed,
-            device=str(device),
         ),
         history=tuple(loop.history),
         extra={

@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from adaptflow.config import FinetuneConfig
-from adaptflow.contracts import BaselineResult, Candidate, CostFigures, Snapshot
+from adaptflow.contracts import BaselineResult, Candidate, Snapshot
 from adaptflow.data.images import ImageStore, eval_transform, train_transform
 from adaptflow.models.factory import count_parameters
 from adaptflow.training.candidates import load_candidate, save_candidate
 from adaptflow.training.data import make_loader
 from adaptflow.training.loop import fit
-from adaptflow.training.runtime import peak_memory_mb, pick_device, reset_peak_memory, seed_everything
+from adaptflow.training.runtime import pick_device, reset_peak_memory, seed_everything
 from adaptflow.training.strategies import (
     freeze_batchnorm,
     freeze_frozen_batchnorm,
@@ -107,15 +107,12 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
             **loop.best_metrics(),
             "baseline_val_accuracy": base.metrics["val_accuracy"],
         },
-        cost=CostFigures(
-            wall_seconds=time.perf_counter() - start,
-            trainable_params=trainable,
-            total_params=total,
-            train_images_per_second=loop.images_per_second,
-            peak_memory_mb=peak_memory_mb(device),
-            epochs_run=len(loop.history),
+        cost=loop.cost(
+            started=start,
+            trainable=trainable,
+            total=total,
+            device=device,
             backbone_forward_images=loop.train_images,
-            device=str(device),
         ),
         history=tuple(loop.history),
         extra={"best_epoch": str(loop.best_epoch), "freeze_bn": str(cfg.freeze_bn)},

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from adaptflow.contracts import EpochRecord
-from adaptflow.training.runtime import autocast
+from adaptflow.contracts import CostFigures, EpochRecord
+from adaptflow.training.runtime import autocast, peak_memory_mb
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,27 @@ class LoopResult:
     @property
     def images_per_second(self) -> float | None:
         return self.train_images / self.train_seconds if self.train_seconds else None
+
+    def cost(
+        self,
+        *,
+        started: float,
+        trainable: int,
+        total: int,
+        device: torch.device,
+        backbone_forward_images: int,
+    ) -> CostFigures:
+        """The stage's cost: wall time since ``started`` (perf_counter), parameters, throughput, memory."""
+        return CostFigures(
+            wall_seconds=time.perf_counter() - started,
+            trainable_params=trainable,
+            total_params=total,
+            train_images_per_second=self.images_per_second,
+            peak_memory_mb=peak_memory_mb(device),
+            epochs_run=len(self.history),
+            backbone_forward_images=backbone_forward_images,
+            device=str(device),
+        )
 
 
 def evaluate_loader(
