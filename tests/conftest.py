@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,3 +66,39 @@ def tiny_settings(tiny_assets: TinyAssets, tmp_path: Path):  # type: ignore[no-u
     from adaptflow.config import load_settings
 
     return load_settings(overrides=tiny_assets.overrides(tmp_path / "work"))
+
+
+@dataclass(frozen=True)
+class TinyBaseline:
+    """One baseline run on the tiny target set, shared by every test that needs a trained candidate.
+
+    Outputs live under ``work``: ``baseline/`` (result + ``candidate/``), ``features/``, ``weights/``.
+    Tests write their own outputs beside them under names of their own.
+    """
+
+    settings: Any
+    snapshot: Any
+    inputs: Any
+    result: Any
+    work: Path
+
+    @property
+    def candidate_dir(self) -> Path:
+        return self.work / "baseline" / "candidate"
+
+
+@pytest.fixture(scope="session")
+def tiny_baseline(tiny_assets: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> TinyBaseline:
+    from adaptflow.config import load_settings
+    from adaptflow.data.ingest import ingest
+    from adaptflow.models.weights import resolve_weights
+    from adaptflow.training.baseline import BaselineInputs, run_baseline
+
+    work = tmp_path_factory.mktemp("tiny-baseline")
+    settings = load_settings(overrides=tiny_assets.overrides(work))
+    snapshot = ingest(str(tiny_assets.target), settings.ingest)
+    weights = resolve_weights(settings.backbone, work / "weights")
+    inputs = BaselineInputs(
+        snapshot, settings.backbone, weights, settings.baseline, settings.finetune, work / "features"
+    )
+    return TinyBaseline(settings, snapshot, inputs, run_baseline(inputs, work / "baseline"), work)

@@ -7,32 +7,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adaptflow.config import EvaluateConfig, ExportConfig, GateConfig, RegistryConfig, load_settings
+from adaptflow.config import EvaluateConfig, ExportConfig, GateConfig, RegistryConfig
 from adaptflow.contracts import ChampionRef, ExportResult, ModelScore
-from adaptflow.data.ingest import ingest
 from adaptflow.errors import ExportError, LeaseError
 from adaptflow.evaluation import ChampionModel, choose_winner, evaluate, mcnemar_exact
 from adaptflow.export import export_onnx
 from adaptflow.lease import FileLease
-from adaptflow.models.weights import resolve_weights
 from adaptflow.onnx_model import load_onnx_classifier
 from adaptflow.registry import decide_gate
-from adaptflow.training.baseline import BaselineInputs, run_baseline
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_assets, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    work = tmp_path_factory.mktemp("export")
-    settings = load_settings(overrides=tiny_assets.overrides(work))
-    snapshot = ingest(str(tiny_assets.target), settings.ingest)
-    weights = resolve_weights(settings.backbone, work / "w")
-    run_baseline(
-        BaselineInputs(
-            snapshot, settings.backbone, weights, settings.baseline, settings.finetune, work / "f"
-        ),
-        work / "b",
-    )
-    result = export_onnx(work / "b" / "candidate", ExportConfig(latency_runs=3), work / "onnx")
+def exported(tiny_baseline):  # type: ignore[no-untyped-def]
+    b = tiny_baseline
+    result = export_onnx(b.candidate_dir, ExportConfig(latency_runs=3), b.work / "onnx")
+    settings, snapshot, work = b.settings, b.snapshot, b.work
     return settings, snapshot, work, result
 
 
@@ -50,7 +39,7 @@ def test_onnx_export_checks_parity_and_carries_preprocessing(exported) -> None: 
 def test_export_fails_above_tolerance(exported, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _settings, _snapshot, work, _result = exported
     with pytest.raises(ExportError, match="differs from PyTorch"):
-        export_onnx(work / "b" / "candidate", ExportConfig(tolerance=1e-12, latency_runs=1), tmp_path)
+        export_onnx(work / "baseline" / "candidate", ExportConfig(tolerance=1e-12, latency_runs=1), tmp_path)
     assert ExportResult.load(tmp_path).passed is False  # the figures are kept for the record
 
 
@@ -61,7 +50,7 @@ def test_evaluate_scores_candidates_and_champion_on_the_same_split(exported) -> 
         load_onnx_classifier(work / "onnx" / ExportResult.ONNX),
     )
     evaluation, preds = evaluate(
-        snapshot, [work / "b" / "candidate"], champion, EvaluateConfig(bootstrap_samples=200)
+        snapshot, [work / "baseline" / "candidate"], champion, EvaluateConfig(bootstrap_samples=200)
     )
     base, champ = evaluation.score("baseline"), evaluation.champion_score()
     assert champ is not None and champ.version == "3"
@@ -190,7 +179,7 @@ def test_registry_promotion_history_and_rollback(exported, tmp_path: Path) -> No
     client = MlflowClient(uri)
     parent = client.create_run(exp).info.run_id
     ctx = TrackingContext(uri, exp, parent)
-    candidate = Candidate.load(work / "b" / "candidate")
+    candidate = Candidate.load(work / "baseline" / "candidate")
     lease = FileLease(tmp_path / "lease.lock")
     cfg = GateConfig(min_accuracy=0.0)
 

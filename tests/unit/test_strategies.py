@@ -8,12 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adaptflow.config import FinetuneConfig, load_settings
+from adaptflow.config import FinetuneConfig
 from adaptflow.contracts import Candidate
-from adaptflow.data.ingest import ingest
 from adaptflow.models.factory import Classifier, build_model, count_parameters
-from adaptflow.models.weights import resolve_weights
-from adaptflow.training.baseline import BaselineInputs, run_baseline
 from adaptflow.training.candidates import load_candidate
 from adaptflow.training.finetune import FinetuneInputs, run_finetune
 from adaptflow.training.strategies import (
@@ -28,16 +25,9 @@ HEAD = 512 * 5 + 5  # resnet18 features -> 5 target digits
 
 
 @pytest.fixture(scope="module")
-def base(tiny_assets, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    work = tmp_path_factory.mktemp("strategies")
-    settings = load_settings(overrides=tiny_assets.overrides(work))
-    snapshot = ingest(str(tiny_assets.target), settings.ingest)
-    weights = resolve_weights(settings.backbone, work / "weights")
-    inputs = BaselineInputs(
-        snapshot, settings.backbone, weights, settings.baseline, settings.finetune, work / "features"
-    )
-    result = run_baseline(inputs, work / "baseline")
-    return settings, snapshot, result, work
+def base(tiny_baseline):  # type: ignore[no-untyped-def]
+    b = tiny_baseline
+    return b.settings, b.snapshot, b.result, b.work
 
 
 def _finetune(base, out: str, **update):  # type: ignore[no-untyped-def]

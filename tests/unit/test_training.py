@@ -7,23 +7,15 @@ import pytest
 from adaptflow.config import AdvisorConfig, FinetuneConfig, load_settings
 from adaptflow.contracts import BaselineResult, Candidate
 from adaptflow.data.ingest import ingest
-from adaptflow.models.weights import resolve_weights
 from adaptflow.training.advisor import advise
-from adaptflow.training.baseline import BaselineInputs, run_baseline
+from adaptflow.training.baseline import run_baseline
 from adaptflow.training.finetune import FinetuneInputs, run_finetune
 
 
 @pytest.fixture(scope="module")
-def baseline_run(tiny_assets, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    work = tmp_path_factory.mktemp("baseline")
-    settings = load_settings(overrides=tiny_assets.overrides(work))
-    snapshot = ingest(str(tiny_assets.target), settings.ingest)
-    weights = resolve_weights(settings.backbone, work / "weights")
-    inputs = BaselineInputs(
-        snapshot, settings.backbone, weights, settings.baseline, settings.finetune, work / "features"
-    )
-    result = run_baseline(inputs, work / "baseline")
-    return settings, snapshot, inputs, result, work
+def baseline_run(tiny_baseline):  # type: ignore[no-untyped-def]
+    b = tiny_baseline
+    return b.settings, b.snapshot, b.inputs, b.result, b.work
 
 
 def test_baseline_computes_each_backbone_feature_exactly_once(baseline_run) -> None:  # type: ignore[no-untyped-def]
@@ -63,7 +55,7 @@ def test_baseline_candidate_and_decision(baseline_run) -> None:  # type: ignore[
 def test_finetune_starts_from_baseline_head_and_keeps_best_epoch(baseline_run, strategy: str) -> None:  # type: ignore[no-untyped-def]
     settings, snapshot, _inputs, result, work = baseline_run
     cfg = settings.finetune.model_copy(update={"strategy": strategy, "epochs": 2, "unfreeze_blocks": 1})
-    out = work / f"ft-{strategy}"
+    out = work / f"training-ft-{strategy}"
     candidate = run_finetune(FinetuneInputs(snapshot, result, work / "baseline" / "candidate", cfg), out)
     assert candidate.name == f"finetune-{strategy}"
     assert Candidate.load(out) == candidate
