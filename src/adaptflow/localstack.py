@@ -153,13 +153,6 @@ def check_s3_reachable(endpoint_url: str, timeout: float = 5.0, region: str = "u
         ) from None
 
 
-def check_tracking_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Raises StoreError naming ``uri`` when the MLflow server's /health does not answer 200."""
-    from adaptflow.tracking import check_tracking_reachable as _check
-
-    _check(uri, timeout=timeout)
-
-
 def find_pg_bin_dir(preferred: Path | None = None) -> Path | None:
     """The folder holding ``initdb``/``postgres``/``pg_isready``, or None when PostgreSQL is absent.
 

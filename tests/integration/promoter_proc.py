@@ -13,40 +13,12 @@ import time
 from mlflow.tracking import MlflowClient
 
 from adaptflow.config import GateConfig, RegistryConfig
-from adaptflow.contracts import ChampionRef, Evaluation, ExportResult, ModelScore
+from adaptflow.contracts import ChampionRef, Evaluation, ModelScore
 from adaptflow.registry import PromotionInputs, get_champion, lease_for, promote_under_lease
+from factories import export_result, model_score
 
 SCORE_TAG = "race.score"
-
-
-def model_score(
-    name: str, accuracy: float, version: str | None = None, kind: str = "candidate"
-) -> ModelScore:
-    return ModelScore(
-        name=name,
-        kind=kind,
-        version=version,
-        accuracy=accuracy,  # type: ignore[arg-type]
-        accuracy_ci95=(accuracy, accuracy),
-        macro_f1=accuracy,
-        per_class_precision={},
-        per_class_recall={},
-        confusion_matrix=[[1]],
-        n=1000,
-    )
-
-
-EXPORT = ExportResult(
-    candidate="c",
-    max_abs_diff=0.0,
-    parity={"1": 0.0},
-    tolerance=1e-4,
-    passed=True,
-    latency_ms_p50=1.0,
-    latency_ms_p95=1.0,
-    opset=18,
-    size_bytes=1,
-)
+EXPORT = export_result(latency_ms=1.0)
 
 
 def rescore_from_tag(client: MlflowClient, model: str):  # type: ignore[no-untyped-def]
@@ -54,7 +26,7 @@ def rescore_from_tag(client: MlflowClient, model: str):  # type: ignore[no-untyp
 
     def rescore(ref: ChampionRef) -> ModelScore:
         tags = client.get_model_version(model, ref.version).tags
-        return model_score("champion", float(tags[SCORE_TAG]), ref.version, "champion")
+        return model_score("champion", float(tags[SCORE_TAG]), version=ref.version, n=1000)
 
     return rescore
 
@@ -78,7 +50,7 @@ def main() -> None:
         ).version
     )
     seen = get_champion(args.tracking_uri, args.model)  # the stale read
-    scores = [model_score("candidate", args.score)]
+    scores = [model_score("candidate", args.score, version=None, n=1000)]
     if seen is not None:
         scores.append(rescore_from_tag(client, args.model)(seen))
     evaluation = Evaluation(

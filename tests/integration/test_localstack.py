@@ -13,12 +13,8 @@ from pathlib import Path
 import pytest
 
 from adaptflow.errors import StoreError
-from adaptflow.localstack import (
-    StackInfo,
-    check_s3_reachable,
-    check_tracking_reachable,
-    stack_status,
-)
+from adaptflow.localstack import StackInfo, check_s3_reachable, stack_status
+from adaptflow.tracking import check_tracking_reachable
 
 REPO = Path(__file__).resolve().parents[2]
 

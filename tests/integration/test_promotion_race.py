@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from promoter_proc import EXPORT, SCORE_TAG, model_score, rescore_from_tag
+from promoter_proc import EXPORT, SCORE_TAG, rescore_from_tag
 
 from adaptflow.config import GateConfig
 from adaptflow.contracts import Evaluation
 from adaptflow.lease import FileLease
 from adaptflow.registry import CHAMPION, PromotionInputs, get_champion, promote_under_lease
 from adaptflow.tracking import embedded_tracking_uri, ensure_experiment
+from factories import model_score
 
 pytestmark = pytest.mark.integration
 
@@ -118,6 +119,8 @@ def run_promoters(
     model = "race-model"
     client, experiment, _ = _setup(uri, workdir, model, 0.5)
     start_at = time.time() + 12.0  # every process has read the champion by then (stale reads)
+    here = Path(__file__).parent  # promoter_proc.py and tests/factories.py
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])}
     procs = [
         subprocess.Popen(
             [
@@ -168,5 +171,4 @@ def run_promoters(
 def test_eight_concurrent_promoters_embedded(tmp_path: Path) -> None:
     scores = [0.61, 0.93, 0.72, 0.88, 0.97, 0.65, 0.91, 0.79]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     run_promoters(embedded_tracking_uri(tmp_path), tmp_path, "", env, scores)

@@ -119,7 +119,6 @@ def test_pipeline_predict_rollback_against_the_stack(
 
 def test_eight_concurrent_promoters_against_the_server(production_stack, stack_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     env = dict(stack_env)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     scores = [0.71, 0.94, 0.66, 0.89, 0.98, 0.62, 0.91, 0.83]
     old = {k: os.environ.get(k) for k in production_stack.env}
     os.environ.update(production_stack.env)  # the S3 lease and MlflowClient in this process

@@ -15,6 +15,7 @@ from adaptflow.export import export_onnx
 from adaptflow.lease import FileLease
 from adaptflow.onnx_model import load_onnx_classifier
 from adaptflow.registry import decide_gate
+from factories import export_result, model_score
 
 
 @pytest.fixture(scope="module")
@@ -63,24 +64,12 @@ def test_evaluate_scores_candidates_and_champion_on_the_same_split(exported) -> 
     assert sum(map(sum, base.confusion_matrix)) == base.n
 
 
-def _score(name: str, acc: float, n: int = 200) -> ModelScore:
-    return ModelScore(
-        name=name,
-        kind="champion" if name == "champion" else "candidate",
-        accuracy=acc,
-        accuracy_ci95=(acc - 0.02, acc + 0.02),
-        macro_f1=acc,
-        per_class_precision={},
-        per_class_recall={},
-        confusion_matrix=[[0]],
-        n=n,
-        version="1",
-    )
-
-
 def test_finetune_must_beat_baseline_by_the_margin() -> None:
-    assert choose_winner(_score("baseline", 0.90), [_score("finetune-full", 0.905)], 0.01)[0] == "baseline"
-    name, reason = choose_winner(_score("baseline", 0.90), [_score("finetune-full", 0.93)], 0.01)
+    assert (
+        choose_winner(model_score("baseline", 0.90), [model_score("finetune-full", 0.905)], 0.01)[0]
+        == "baseline"
+    )
+    name, reason = choose_winner(model_score("baseline", 0.90), [model_score("finetune-full", 0.93)], 0.01)
     assert name == "finetune-full" and "+0.0300" in reason
 
 
@@ -93,37 +82,29 @@ def test_mcnemar_exact_known_values() -> None:
     assert mcnemar_exact(y, a, a) == 1.0
 
 
-def _export(passed: bool = True, latency: float = 1.0) -> ExportResult:
-    return ExportResult(
-        candidate="c",
-        max_abs_diff=1e-6 if passed else 1.0,
-        parity={"1": 1e-6},
-        tolerance=1e-4,
-        passed=passed,
-        latency_ms_p50=latency,
-        latency_ms_p95=latency,
-        opset=18,
-        size_bytes=1,
-    )
-
-
 def test_gate_first_run_uses_absolute_thresholds_only() -> None:
-    assert decide_gate(_score("w", 0.9), None, _export(), None, GateConfig()).promote
-    low = decide_gate(_score("w", 0.5), None, _export(), None, GateConfig(min_accuracy=0.8))
+    assert decide_gate(model_score("w", 0.9), None, export_result(), None, GateConfig()).promote
+    low = decide_gate(model_score("w", 0.5), None, export_result(), None, GateConfig(min_accuracy=0.8))
     assert not low.promote and any("below min_accuracy" in r for r in low.reasons)
 
 
 def test_gate_refuses_an_equal_model_and_says_why() -> None:
-    decision = decide_gate(_score("w", 0.9), _score("champion", 0.9), _export(), 1.0, GateConfig())
+    decision = decide_gate(
+        model_score("w", 0.9), model_score("champion", 0.9), export_result(), 1.0, GateConfig()
+    )
     assert not decision.promote
     assert any("not better than champion v1" in r for r in decision.reasons)
 
 
 def test_gate_parity_latency_and_significance() -> None:
-    assert not decide_gate(_score("w", 0.9), None, _export(passed=False), None, GateConfig()).promote
-    assert not decide_gate(_score("w", 0.9), None, _export(latency=999), None, GateConfig()).promote
+    assert not decide_gate(
+        model_score("w", 0.9), None, export_result(passed=False), None, GateConfig()
+    ).promote
+    assert not decide_gate(
+        model_score("w", 0.9), None, export_result(latency_ms=999), None, GateConfig()
+    ).promote
     cfg = GateConfig(require_significance=True, alpha=0.05)
-    better = (_score("w", 0.95), _score("champion", 0.90), _export())
+    better = (model_score("w", 0.95), model_score("champion", 0.90), export_result())
     assert not decide_gate(*better, 0.2, cfg).promote
     assert decide_gate(*better, 0.01, cfg).promote
 
@@ -184,7 +165,7 @@ def test_registry_promotion_history_and_rollback(exported, tmp_path: Path) -> No
     cfg = GateConfig(min_accuracy=0.0)
 
     def one_run(champion_score: ModelScore | None, champion: ChampionRef | None) -> tuple[str, bool]:
-        scores = (_score("baseline", 0.9),) + ((champion_score,) if champion_score else ())
+        scores = (model_score("baseline", 0.9),) + ((champion_score,) if champion_score else ())
         evaluation = Evaluation(
             scores=scores,
             winner="baseline",
@@ -209,7 +190,7 @@ def test_registry_promotion_history_and_rollback(exported, tmp_path: Path) -> No
                     uri,
                     settings.registry.model_name,
                     version,
-                    _score("baseline", 0.9),
+                    model_score("baseline", 0.9),
                     evaluation,
                     export,
                     cfg,
@@ -223,7 +204,7 @@ def test_registry_promotion_history_and_rollback(exported, tmp_path: Path) -> No
     v1, promoted1 = one_run(None, None)
     assert promoted1 and get_champion(uri, settings.registry.model_name).version == v1  # type: ignore[union-attr]
     ref = get_champion(uri, settings.registry.model_name)
-    v2, promoted2 = one_run(_score("champion", 0.9), ref)
+    v2, promoted2 = one_run(model_score("champion", 0.9), ref)
     assert not promoted2
     mv = client.get_model_version(settings.registry.model_name, v2)
     assert mv.tags["adaptflow.data_fingerprint"] == snapshot.fingerprint

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from adaptflow.config import GateConfig
-from adaptflow.contracts import ExportResult, ModelScore
 from adaptflow.evaluation import mcnemar_exact
 from adaptflow.registry import decide_gate
+from factories import export_result, model_score
 
 
 def _pairs(only_a: int, only_b: int, both: int = 5, neither: int = 3) -> tuple[np.ndarray, ...]:
@@ -48,32 +48,7 @@ def test_mcnemar_known_values() -> None:
     )
 
 
-def _score(name: str, acc: float) -> ModelScore:
-    return ModelScore(
-        name=name,
-        kind="champion" if name == "champion" else "candidate",
-        version="3",
-        accuracy=acc,
-        accuracy_ci95=(acc - 0.02, acc + 0.02),
-        macro_f1=acc,
-        per_class_precision={},
-        per_class_recall={},
-        confusion_matrix=[[0]],
-        n=200,
-    )
-
-
-EXPORT = ExportResult(
-    candidate="w",
-    max_abs_diff=1e-6,
-    parity={"1": 1e-6},
-    tolerance=1e-4,
-    passed=True,
-    latency_ms_p50=1.0,
-    latency_ms_p95=1.0,
-    opset=18,
-    size_bytes=1,
-)
+EXPORT = export_result()
 
 
 @pytest.mark.parametrize(
@@ -87,23 +62,23 @@ EXPORT = ExportResult(
 )
 def test_gate_require_significance(p_value: float | None, promote: bool, phrase: str) -> None:
     cfg = GateConfig(require_significance=True, alpha=0.05, min_delta=0.005, min_accuracy=0.5)
-    decision = decide_gate(_score("w", 0.95), _score("champion", 0.90), EXPORT, p_value, cfg)
+    decision = decide_gate(model_score("w", 0.95), model_score("champion", 0.90), EXPORT, p_value, cfg)
     assert decision.promote is promote
     assert any(phrase in r for r in decision.reasons), decision.reasons
 
 
 def test_gate_significance_is_informational_when_not_required() -> None:
     cfg = GateConfig(require_significance=False, min_accuracy=0.5)
-    decision = decide_gate(_score("w", 0.95), _score("champion", 0.90), EXPORT, 0.4, cfg)
+    decision = decide_gate(model_score("w", 0.95), model_score("champion", 0.90), EXPORT, 0.4, cfg)
     assert decision.promote and any("informational" in r for r in decision.reasons)
 
 
 def test_significance_cannot_rescue_a_model_below_min_delta() -> None:
     cfg = GateConfig(require_significance=True, alpha=0.05, min_delta=0.02, min_accuracy=0.5)
-    decision = decide_gate(_score("w", 0.91), _score("champion", 0.90), EXPORT, 0.001, cfg)
+    decision = decide_gate(model_score("w", 0.91), model_score("champion", 0.90), EXPORT, 0.001, cfg)
     assert not decision.promote and any("delta +0.0100 < min_delta" in r for r in decision.reasons)
 
 
 def test_first_run_ignores_significance() -> None:
     cfg = GateConfig(require_significance=True, min_accuracy=0.5)
-    assert decide_gate(_score("w", 0.95), None, EXPORT, None, cfg).promote
+    assert decide_gate(model_score("w", 0.95), None, EXPORT, None, cfg).promote
