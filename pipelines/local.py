@@ -54,6 +54,45 @@ def patch_kfp_local_oneof_artifacts() -> None:
     ou.OrchestratorUtils._adaptflow_oneof_patch = True
 
 
+def patch_kfp_local_loop_task_outputs() -> None:
+    """kfp 2.17's local ParallelFor replaces *every* upstream task-output input of a loop with the item.
+
+    ``create_parameter_loop_iteration_task_spec`` turns each ``task_output_parameter`` input of the
+    loop task into the loop item, so a loop body that also takes, say, ``ingest``'s run id gets the
+    strategy name instead. The compiled IR is right (a cluster resolves it properly); this restores
+    those inputs after kfp.local builds each iteration, except the list being iterated over.
+    """
+    from kfp.local.orchestrator import task_spec_utils as tsu
+
+    if getattr(tsu, "_adaptflow_loop_patch", False):
+        return
+    build_iteration = tsu.create_parameter_loop_iteration_task_spec
+
+    def create_parameter_loop_iteration_task_spec(
+        original_task_spec: Any, loop_item: Any, loop_task_name: str
+    ) -> Any:
+        iteration = build_iteration(original_task_spec, loop_item, loop_task_name)
+        iterated = original_task_spec.parameter_iterator.items.input_parameter
+        for name, spec in original_task_spec.inputs.parameters.items():
+            if spec.HasField("task_output_parameter") and name != iterated:
+                iteration.inputs.parameters[name].CopyFrom(spec)
+        return iteration
+
+    tsu.create_parameter_loop_iteration_task_spec = create_parameter_loop_iteration_task_spec
+    tsu._adaptflow_loop_patch = True
+
+
+def init_kfp_local(pipeline_root: Path) -> None:
+    """kfp.local with adaptflow's settings: subprocesses in this environment, the two fixes above."""
+    from kfp import local
+
+    patch_kfp_local_oneof_artifacts()
+    patch_kfp_local_loop_task_outputs()
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True
+    )
+
+
 class PipelineFailed(AdaptflowError):
     exit_code = 1
 
@@ -61,11 +100,9 @@ class PipelineFailed(AdaptflowError):
 def run_local(settings: Settings, data_uri: str, force: bool = False) -> dict[str, Any]:
     """Runs the compiled DAG locally and returns the run summary."""
     from adaptflow.pipelines.pipeline import build_pipeline
-    from kfp import local
 
     from adaptflow.tracking import lineage_tags
 
-    patch_kfp_local_oneof_artifacts()
     workdir = Path(settings.workdir).resolve()
     attempt = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     root = workdir / "kfp-local"
@@ -73,7 +110,7 @@ def run_local(settings: Settings, data_uri: str, force: bool = False) -> dict[st
     error_file.parent.mkdir(parents=True, exist_ok=True)
     os.environ["ADAPTFLOW_ERROR_FILE"] = str(error_file)  # components inherit it under kfp.local
     ctx = start_pipeline_run(settings, f"adaptflow {attempt}", {"adaptflow.data_uri": data_uri})
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    init_kfp_local(root)
     pipeline = build_pipeline(settings)
     started = time.perf_counter()
     try:

@@ -1,0 +1,70 @@
+"""The cluster form of ``adaptflow compare``: the compiled ParallelFor fan-out, run through kfp.local.
+
+On Kubeflow every strategy is its own (GPU) task and ``dsl.Collected`` gathers their outcomes
+into the report task. kfp.local executes the same IR, so this runs the very DAG a cluster gets
+(with ``init_kfp_local``'s fix for kfp.local's loop-input bug, which the IR does not have).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from adaptflow.pipelines.compare import build_compare_pipeline
+from adaptflow.pipelines.local import init_kfp_local
+
+from adaptflow.compare import CompareResult
+from adaptflow.config import Settings
+
+
+def test_compare_pipeline_fans_out_per_strategy_and_collects_one_report(
+    tiny_settings: Settings, tiny_assets: Any, tmp_path: Path
+) -> None:
+    settings = tiny_settings
+    init_kfp_local(tmp_path / "root")
+    with contextlib.redirect_stdout(sys.stderr):
+        task = build_compare_pipeline(settings)(
+            data_uri=str(tiny_assets.target_shifted),
+            strategies=["linear_probe", "partial"],
+            config_json=settings.to_json(),
+        )
+    result = CompareResult.load(task.output.path)
+    assert result.outcomes[0].strategy == "baseline"
+    assert sorted(o.strategy for o in result.outcomes[1:]) == ["linear_probe", "partial"]
+    # every row scored on the same test split
+    assert all(sum(map(sum, o.score.confusion_matrix)) == result.test_size for o in result.outcomes)
+    partial = next(o for o in result.outcomes if o.strategy == "partial")
+    assert partial.p_value_vs_baseline is not None and 0 < partial.trainable_params < partial.total_params
+    assert result.report_html is not None
+    assert Path(result.report_html).read_text().count('<img src="data:image/png;base64,') >= 3
+
+    # one parent run, a nested run per strategy task, the report logged on the parent
+    client = mlflow.MlflowClient(result.tracking_uri)
+    assert result.run_id is not None
+    parent = client.get_run(result.run_id)
+    assert parent.data.tags["adaptflow.compare.best"] == result.best
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
+    names = {r.info.run_name for r in children}
+    assert {"compare-linear_probe", "compare-partial"} <= names, names
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "report")}
+    assert "report/compare.json" in artifacts and any(p.endswith(".html") for p in artifacts), artifacts
+
+
+def test_loop_iterations_keep_upstream_task_outputs(tmp_path: Path) -> None:
+    """kfp.local's loop-input bug is patched: the item replaces the loop variable, nothing else."""
+    from kfp.local.orchestrator import task_spec_utils
+
+    from adaptflow.config import load_settings
+
+    init_kfp_local(tmp_path / "root")
+    loop = build_compare_pipeline(load_settings()).pipeline_spec.root.dag.tasks["for-loop-1"]
+    assert loop.inputs.parameters["pipelinechannel--ingest-parent_run_id"].HasField("task_output_parameter")
+    iteration = task_spec_utils.create_parameter_loop_iteration_task_spec(loop, "partial", "for-loop-1")
+    kept = iteration.inputs.parameters["pipelinechannel--ingest-parent_run_id"]
+    assert kept.task_output_parameter.producer_task == "ingest"
+    assert kept.task_output_parameter.output_parameter_key == "parent_run_id"
+    item = iteration.inputs.parameters[loop.parameter_iterator.item_input]
+    assert item.runtime_value.constant.string_value == "partial"
