@@ -25,6 +25,7 @@ class TinyAssets:
     source: Path
     target: Path
     target_shifted: Path
+    target_texture: Path
     weights: Path
     sha256: str
 
@@ -58,7 +59,9 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
     result = pretrain(data.source, "resnet18", weights, epochs=2, input_size=32)
     sidecar = json.loads(weights.with_name(weights.name + ".json").read_text())
     assert sidecar["sha256"] == result.sha256
-    return TinyAssets(root, data.source, data.target, data.target_shifted, weights, result.sha256)
+    return TinyAssets(
+        root, data.source, data.target, data.target_shifted, data.target_texture, weights, result.sha256
+    )
 
 
 @pytest.fixture()

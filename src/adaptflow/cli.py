@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from adaptflow import __version__
+from adaptflow.demo import TARGET_TREES
 from adaptflow.errors import AdaptflowError
 from adaptflow.logs import setup_logging
 
@@ -27,6 +28,7 @@ config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True
 app.add_typer(config_app, name="config")
 log = logging.getLogger("adaptflow.cli")
 
+DEMO_DATASET_HELP = "which demo target: " + ", ".join(TARGET_TREES)
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="override: section.key=value (repeatable)")
@@ -100,6 +102,11 @@ def pretrain(
     )
 
 
+def _check_demo_dataset(name: str) -> None:
+    if name not in TARGET_TREES:
+        raise typer.BadParameter(f"--dataset must be one of {', '.join(TARGET_TREES)}, not {name!r}")
+
+
 def _run_and_report(
     data_uri: str, config: Path | None, overrides: list[str], as_json: bool, force: bool = False
 ) -> dict[str, Any]:
@@ -132,7 +139,7 @@ def demo(
     workdir: Annotated[
         Path, typer.Option(help="where demo data, weights and the embedded MLflow live")
     ] = Path(".adaptflow"),
-    dataset: Annotated[str, typer.Option(help="target or target-shifted")] = "target",
+    dataset: Annotated[str, typer.Option(help=DEMO_DATASET_HELP)] = "target",
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
@@ -141,6 +148,7 @@ def demo(
     """The main job: demo data + pretrained source backbone (made once, cached), then the full DAG."""
     from adaptflow.demo import prepare_demo
 
+    _check_demo_dataset(dataset)
     assets = prepare_demo(workdir.resolve())
     base = [
         f"workdir={workdir.resolve()}",
@@ -484,7 +492,7 @@ def compare(
             "--demo", help="use the demo assets (data + source backbone, made once under the workdir)"
         ),
     ] = False,
-    dataset: Annotated[str, typer.Option(help="with --demo: target or target-shifted")] = "target",
+    dataset: Annotated[str, typer.Option(help="with --demo: " + DEMO_DATASET_HELP)] = "target",
     train_per_class: Annotated[
         int | None, typer.Option(help="keep N training images per class (the few-images condition)")
     ] = None,
@@ -504,8 +512,7 @@ def compare(
     if demo:
         from adaptflow.demo import prepare_demo
 
-        if dataset not in ("target", "target-shifted"):
-            raise typer.BadParameter("--dataset must be target or target-shifted")
+        _check_demo_dataset(dataset)
         assets = prepare_demo(workdir)
         extra = [f"backbone.weights_uri={assets.weights_uri}", f"backbone.sha256={assets.sha256}", *extra]
         data = str(assets.data / dataset)

@@ -10,6 +10,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DEMO_WEIGHTS = "resnet18-digits-source.safetensors"
+# The demo's target tasks (adaptflow.data.demo says what each one is).
+TARGET_TREES = ("target", "target-shifted", "target-texture")
 
 
 @dataclass(frozen=True)
@@ -24,15 +26,15 @@ class DemoAssets:
 
 
 def prepare_demo(workdir: Path, size: int = 32, pretrain_epochs: int = 8) -> DemoAssets:
-    from adaptflow.data.demo import write_demo_data
+    from adaptflow.data.demo import DEMO_DATA_VERSION, write_demo_data
     from adaptflow.training.pretrain import pretrain
 
     data = workdir / "demo" / "data"
     marker = data / ".complete"
-    if not marker.exists():
+    if not marker.exists() or marker.read_text().strip() != DEMO_DATA_VERSION:
         log.info("demo: writing digits demo data to %s", data)
         write_demo_data(data, size=size)
-        marker.write_text("ok\n")
+        marker.write_text(DEMO_DATA_VERSION + "\n")
     weights = workdir / "demo" / "backbone" / DEMO_WEIGHTS
     sidecar = weights.with_name(weights.name + ".json")
     if not (weights.exists() and sidecar.exists()):

@@ -30,11 +30,27 @@ def test_demo_data_layout(tmp_path: Path) -> None:
     assert sorted(p.name for p in data.target.iterdir()) == ["5", "6", "7", "8", "9"]
     image = Image.open(next(data.target_shifted.rglob("*.png")))
     assert image.mode == "RGB" and image.size == (24, 24)
-    assert data.counts == {"source": 15, "target": 15, "target-shifted": 15}
+    assert data.counts == {"source": 15, "target": 15, "target-shifted": 15, "target-texture": 15}
     # shifted images are a different picture of the same digit
     a = next((data.target / "5").iterdir())
     b = data.target_shifted / "5" / a.name
     assert a.read_bytes() != b.read_bytes()
+
+
+def test_texture_target_draws_the_digit_by_orientation_not_brightness(tmp_path: Path) -> None:
+    import numpy as np
+
+    data = write_demo_data(tmp_path, size=32, limit_per_class=2)
+    name = next((data.target / "8").iterdir()).name
+    ink = np.asarray(Image.open(data.target / "8" / name).convert("L"), dtype=float) / 255
+    texture = np.asarray(Image.open(data.target_texture / "8" / name).convert("L"), dtype=float) / 255
+    strokes, background = ink > 0.8, ink < 0.2
+    assert strokes.sum() > 20 and background.sum() > 20
+    # the same mean brightness inside and outside the strokes: ink alone cannot find the digit
+    assert abs(texture[strokes].mean() - texture[background].mean()) < 0.1
+    # but the stripes run the other way: +45 degrees repeat along the anti-diagonal, -45 along the diagonal
+    diagonal = np.abs(texture[1:, 1:] - texture[:-1, :-1])
+    assert diagonal[strokes[1:, 1:]].mean() > 2 * diagonal[background[1:, 1:]].mean()
 
 
 def test_snapshot_counts_classes_and_fingerprint(digits: Path) -> None:
