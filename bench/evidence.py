@@ -1,12 +1,15 @@
 """Transfer learning versus fine-tuning on the split-task digits (Yosinski et al. 2014), measured.
 
 Source digits 0-4 pretrain a resnet18 (``adaptflow.demo.prepare_demo``); the targets are digits 5-9
-as they are (``target/``, in-domain) and inverted + rotated (``target-shifted/``). Each target is run
+as they are (``target/``, in-domain), inverted + rotated (``target-shifted/``) and drawn in texture
+(``target-texture/``, see ``adaptflow.data.demo``). Each target is run
 with all its training images and with a few per class (a deterministic subsample of the snapshot's
 train split; val and test unchanged), and each condition compares: the frozen baseline (linear probe
-on cached features), fine-tuning (``partial``, ``full``) and the from-scratch control (``scratch``).
+on cached features), fine-tuning (``partial``, ``full``) and the from-scratch control (``scratch``),
+once per training seed (``--seeds``): the snapshot and its test split stay the same, only the
+initialisation and the order of the training batches change.
 
-    .venv/bin/python bench/evidence.py [--workdir .adaptflow] [--epochs 6] [--few 10] [--no-write]
+    .venv/bin/python bench/evidence.py [--workdir .adaptflow] [--epochs 12] [--few 10] [--seeds 3] [--no-write]
 
 Writes a Markdown table into bench/RESULTS.md under "Transfer vs fine-tuning evidence".
 """
@@ -22,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import mean
 
 HEADING = "## Transfer vs fine-tuning evidence"
 STRATEGIES = ("partial", "full", "scratch")
@@ -29,13 +33,14 @@ STRATEGIES = ("partial", "full", "scratch")
 
 @dataclass(frozen=True)
 class Condition:
-    dataset: str  # "target" or "target-shifted"
+    dataset: str  # one of adaptflow.demo.TARGET_TREES
     train_per_class: int | None  # None: every training image
 
 
 @dataclass(frozen=True)
 class Row:
     condition: Condition
+    seed: int
     strategy: str
     accuracy: float
     ci: tuple[float, float]
@@ -43,15 +48,18 @@ class Row:
     trainable_params: int
     wall_seconds: float
     train_val_gap: float
+    p_value_vs_baseline: float | None
     advisor_finetune: bool
+    advisor_strategy: str
     advisor_reason: str
     domain_shift: float | None
     best: str
 
 
-def overrides(workdir: Path, weights_uri: str, sha256: str, epochs: int) -> list[str]:
+def overrides(workdir: Path, weights_uri: str, sha256: str, epochs: int, seed: int = 0) -> list[str]:
     return [
         f"workdir={workdir}",
+        f"seed={seed}",
         f"backbone.weights_uri={weights_uri}",
         f"backbone.sha256={sha256}",
         f"finetune.epochs={epochs}",
@@ -64,15 +72,21 @@ def run_condition(
     condition: Condition,
     workdir: Path,
     strategies: tuple[str, ...] = STRATEGIES,
-    epochs: int = 6,
+    epochs: int = 12,
+    seed: int = 0,
+    extra: tuple[str, ...] = (),
 ) -> list[Row]:
     from adaptflow.compare import run_compare
     from adaptflow.config import load_settings
     from adaptflow.demo import prepare_demo
 
     assets = prepare_demo(workdir)
-    settings = load_settings(overrides=overrides(workdir, assets.weights_uri, assets.sha256, epochs))
-    name = f"{condition.dataset}-{condition.train_per_class or 'all'}"
+    settings = load_settings(
+        overrides=[*overrides(workdir, assets.weights_uri, assets.sha256, epochs, seed), *extra]
+    )
+    name = f"{condition.dataset}-{condition.train_per_class or 'all'}-seed{seed}" + "".join(
+        f"-{o}" for o in extra
+    )
     result = run_compare(
         str(assets.data / condition.dataset),
         settings,
@@ -86,6 +100,7 @@ def run_condition(
     return [
         Row(
             condition,
+            seed,
             o.strategy,
             o.score.accuracy,
             o.score.accuracy_ci95,
@@ -93,7 +108,14 @@ def run_condition(
             o.trainable_params,
             o.wall_seconds,
             o.train_val_gap,
+            o.p_value_vs_baseline,
             result.decision.should_finetune,
+            result.decision.strategy
+            + (
+                ""
+                if result.decision.layer_decay is None
+                else f" (layer_decay {result.decision.layer_decay:g})"
+            ),
             result.decision.reason,
             float(shift) if isinstance(shift, (int, float)) else None,
             result.best,
@@ -103,16 +125,7 @@ def run_condition(
 
 
 def markdown(rows: list[Row], command: str, seconds: float) -> str:
-    import torch
-
-    machine = (
-        f"{platform.node() or 'unknown'}: {platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
-        + (
-            f"CUDA {torch.cuda.get_device_name(0)}"
-            if torch.cuda.is_available()
-            else f"CPU ({torch.get_num_threads()} threads)"
-        )
-    )
+    machine = machine_line()
     lines = [
         HEADING,
         "",
@@ -121,25 +134,60 @@ def markdown(rows: list[Row], command: str, seconds: float) -> str:
         f"- command: `{command}`",
         f"- total wall time: {seconds:.0f} s",
         "- data: scikit-learn digits at 32 px; source = digits 0-4 (pretrained resnet18), target = 5-9, "
-        "shifted = 5-9 inverted and rotated 90°; test split identical across rows of a condition",
+        "target-shifted = 5-9 inverted and rotated 90°, target-texture = 5-9 drawn by stripe orientation; "
+        "test split identical across rows of a condition",
+        "- p vs baseline: McNemar's exact test on the same test images; domain shift: BatchNorm-statistics KL "
+        "(adaptflow.training.shift); advisor: its decision with the default config (choose_strategy on)",
         "",
-        "| target | train imgs/class | strategy | test accuracy [95% CI] | macro-F1 | trainable params | wall s | train-val gap | domain shift | advisor | best (margin rule) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        'Accuracy is the mean over seeds with the lowest and highest seed in brackets; "beats baseline" counts '
+        "the seeds in which the strategy's test accuracy is above the baseline's of the same seed; p is McNemar's "
+        "exact test against that baseline, per seed. Costs are means.",
+        "",
+        "| target | train imgs/class | strategy | test accuracy, mean [min, max] | beats baseline | p vs baseline per seed | macro-F1 | trainable params | wall s | train-val gap | domain shift | advisor (seed 0) | best by margin rule, per seed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    groups: dict[tuple[Condition, str], list[Row]] = {}
     for r in rows:
-        c = r.condition
+        groups.setdefault((r.condition, r.strategy), []).append(r)
+    baselines = {(r.condition, r.seed): r.accuracy for r in rows if r.strategy == "baseline"}
+    for (c, strategy), rs in groups.items():
+        acc = [r.accuracy for r in rs]
+        wins = (
+            "-"
+            if strategy == "baseline"
+            else f"{sum(r.accuracy > baselines[(c, r.seed)] for r in rs)}/{len(rs)}"
+        )
+        p_values = (
+            ", ".join(f"{r.p_value_vs_baseline:.2g}" for r in rs if r.p_value_vs_baseline is not None) or "-"
+        )
+        first = rs[0]
+        shift = "-" if first.domain_shift is None else f"{first.domain_shift:.3f}"
+        advice = f"fine-tune {first.advisor_strategy}" if first.advisor_finetune else "keep baseline"
         lines.append(
-            f"| {c.dataset} | {c.train_per_class or 'all'} | {r.strategy} | {r.accuracy:.3f} [{r.ci[0]:.3f}, {r.ci[1]:.3f}] "
-            f"| {r.macro_f1:.3f} | {r.trainable_params:,} | {r.wall_seconds:.1f} | {r.train_val_gap:+.3f} "
-            f"| {'-' if r.domain_shift is None else f'{r.domain_shift:.3f}'} "
-            f"| {'fine-tune' if r.advisor_finetune else 'keep baseline'} | {r.best} |"
+            f"| {c.dataset} | {c.train_per_class or 'all'} | {strategy} | {mean(acc):.3f} [{min(acc):.3f}, {max(acc):.3f}] "
+            f"| {wins} | {p_values} | {mean(r.macro_f1 for r in rs):.3f} | {first.trainable_params:,} "
+            f"| {mean(r.wall_seconds for r in rs):.1f} | {mean(r.train_val_gap for r in rs):+.3f} | {shift} "
+            f"| {advice} | {', '.join(r.best for r in rs)} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def write_results(section: str, path: Path) -> None:
+def machine_line() -> str:
+    import torch
+
+    return (
+        f"{platform.node() or 'unknown'}: {platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
+        + (
+            f"CUDA {torch.cuda.get_device_name(0)}"
+            if torch.cuda.is_available()
+            else f"CPU ({torch.get_num_threads()} threads)"
+        )
+    )
+
+
+def write_results(section: str, path: Path, heading: str = HEADING) -> None:
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = (
         pattern.sub(lambda _: section + "\n", text)
         if pattern.search(text)
@@ -153,7 +201,10 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", type=Path, default=Path(".adaptflow"))
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument(
+        "--epochs", type=int, default=12, help="fine-tuning epochs (finetune.epochs' default)"
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds per condition")
     parser.add_argument(
         "--few", type=int, default=10, help="train images per class in the few-images condition"
     )
@@ -162,9 +213,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     rows: list[Row] = []
-    for dataset in ("target", "target-shifted"):
+    from adaptflow.demo import TARGET_TREES
+
+    for dataset in TARGET_TREES:
         for per_class in (None, args.few):
-            rows += run_condition(Condition(dataset, per_class), args.workdir.resolve(), epochs=args.epochs)
+            for seed in range(args.seeds):
+                rows += run_condition(
+                    Condition(dataset, per_class), args.workdir.resolve(), epochs=args.epochs, seed=seed
+                )
     command = "python bench/evidence.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = markdown(rows, command.strip(), time.perf_counter() - start)
     print(section)

@@ -188,7 +188,11 @@ def train_strategy(
     out_dir: Path,
     store: ImageStore,
 ) -> Candidate:
-    """Trains one strategy from the baseline candidate (``scratch``: from a random init)."""
+    """Trains one strategy from the baseline candidate (``scratch``: from a random init).
+
+    The advisor's learning-rate profile applies to every strategy when it chose one (high shift).
+    """
+    from adaptflow.training.advisor import finetune_settings
     from adaptflow.training.finetune import FinetuneInputs, run_finetune
 
     if strategy == "scratch":
@@ -208,7 +212,7 @@ def train_strategy(
         )
         candidate.save(out_dir)
         return candidate
-    cfg = settings.finetune.model_copy(update={"strategy": strategy})
+    cfg = finetune_settings(settings.finetune, baseline.decision, settings.baseline.advisor, strategy)
     return run_finetune(FinetuneInputs(snapshot, baseline, baseline_dir, cfg, settings.seed), out_dir, store)
 
 

@@ -71,13 +71,20 @@ class AdvisorConfig(Section):
     min_images_per_class: int = Field(20, ge=1, description="fewer training images per class: keep baseline")
     budget_seconds: float = Field(900.0, gt=0, description="estimated fine-tuning time must fit")
     force: bool | None = Field(None, description="true/false overrides the decision (recorded as such)")
+    shift_sample_images: int = Field(
+        256, ge=1, description="training images the domain-shift signal is measured on (an even sample)"
+    )
     choose_strategy: bool = Field(
-        False,
-        description="when fine-tuning pays, let the advisor pick the strategy from the signals "
-        "(high domain shift: full; few images: partial); false keeps finetune.strategy",
+        True,
+        description="when fine-tuning pays, let the advisor pick the strategy and learning-rate profile "
+        "from the signals (high domain shift: full with uniform rates; few images: partial); "
+        "false keeps finetune.strategy and finetune.layer_decay",
     )
     high_shift: float = Field(
-        1.0, gt=0, description="choose_strategy: domain_shift at or above this prefers full fine-tuning"
+        0.25,
+        gt=0,
+        description="choose_strategy: domain_shift (BatchNorm-statistics KL) at or above this picks full "
+        "fine-tuning with uniform learning rates; calibrated on the demo, measure your own data",
     )
     few_images_per_class: int = Field(
         50, ge=1, description="choose_strategy: below this (and low shift) prefer partial fine-tuning"
@@ -107,7 +114,11 @@ class FinetuneConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(64, ge=1)
     patience: int = Field(4, ge=1)
-    freeze_bn: bool = Field(True, description="keep BatchNorm running statistics frozen (small data)")
+    freeze_bn: bool = Field(
+        False,
+        description="keep BatchNorm running statistics as pretrained; off by default: with a shifted target "
+        "frozen statistics made fine-tuning worse than the frozen baseline (bench/RESULTS.md)",
+    )
     augment: bool = True
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, gt=0)

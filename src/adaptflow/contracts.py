@@ -139,6 +139,8 @@ class FinetuneDecision(BaseModel):
     strategy: str
     reason: str
     signals: dict[str, float | int | str | None]
+    # set when the advisor chose the learning-rate profile too (high domain shift: uniform rates)
+    layer_decay: float | None = None
 
 
 class BaselineResult(Contract):

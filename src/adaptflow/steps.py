@@ -331,14 +331,13 @@ def finetune_step(
 ) -> None:
     import mlflow
 
+    from adaptflow.training.advisor import finetune_settings
     from adaptflow.training.finetune import FinetuneInputs, run_finetune
 
     settings = _settings(config_json)
     ctx = _context(settings, parent_run_id)
     baseline = BaselineResult.load(baseline_dir)
-    cfg = settings.finetune
-    if settings.baseline.advisor.choose_strategy:  # the advisor picked the strategy from its signals
-        cfg = cfg.model_copy(update={"strategy": baseline.decision.strategy})
+    cfg = finetune_settings(settings.finetune, baseline.decision, settings.baseline.advisor)
     with stage_run(
         ctx, "finetune", {"adaptflow.data_fingerprint": fingerprint, "adaptflow.strategy": cfg.strategy}
     ):

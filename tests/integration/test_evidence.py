@@ -1,12 +1,15 @@
 """The literature's direction, checked on split-task digits (bench/evidence.py, issue 5 item 4).
 
-Measured with the converged (L-BFGS) linear probe, see bench/RESULTS.md:
-- With few images, transfer beats training from scratch: reproduced (0.770 vs 0.652 in-domain).
-- On the in-domain target with few images per class, the advisor keeps the baseline, and no
-  fine-tuned model leaves the baseline's 95% interval upwards: reproduced.
-- On the shifted target, fine-tuning beats the frozen baseline: NOT reproduced. Inverted + rotated
-  digits stay linearly separable in the source features (probe 0.988 vs full fine-tuning 0.971);
-  the earlier "win" came from an under-trained probe. It stays an xfail that documents this.
+Protocol: the default config (12 fine-tuning epochs, the advisor's choice on), three training seeds
+per condition on one snapshot and one test split; a claim holds when it holds in every seed and on
+average by more than the promotion margin (0.01). Measured (bench/RESULTS.md):
+
+- On the shifted target (inverted + rotated), full fine-tuning beats the frozen baseline:
+  reproduced (0.988 mean vs 0.958, 3/3 seeds).
+- With few images (10/class, in-domain), transfer beats training from scratch: reproduced for the
+  same network and training from the source weights vs a random init (0.888 vs 0.805, 3/3 seeds).
+- With few images in-domain, the advisor keeps the baseline: yes; but "within the margin" is NOT
+  reproduced: fine-tuning would have gained +0.06/+0.07 in every seed (an xfail that says so).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from types import ModuleType
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+SEEDS = (0, 1, 2)
 
 
 def _evidence() -> ModuleType:
@@ -45,30 +49,55 @@ def _by_strategy(rows: list) -> dict:
 
 
 @pytest.mark.slow
+def test_shifted_target_fine_tuning_beats_the_frozen_baseline(ev: ModuleType, workdir: Path) -> None:
+    runs = [
+        _by_strategy(ev.run_condition(ev.Condition("target-shifted", None), workdir, ("full",), seed=seed))
+        for seed in SEEDS
+    ]
+    advice = runs[0]["baseline"]
+    # the advisor measures the shift and asks for full fine-tuning with uniform learning rates
+    assert advice.domain_shift is not None and advice.domain_shift >= 0.25
+    assert advice.advisor_finetune and advice.advisor_strategy == "full (layer_decay 1)", (
+        advice.advisor_reason
+    )
+    gains = [run["full"].accuracy - run["baseline"].accuracy for run in runs]
+    # fine-tuning wins with every training seed, and on average by more than the promotion margin
+    assert min(gains) > 0 and sum(gains) / len(gains) > 0.01, gains
+
+
+@pytest.fixture(scope="module")
+def few_in_domain(ev: ModuleType, workdir: Path) -> list[dict]:
+    """10 training images per class of the in-domain target: baseline, partial, full, scratch; per seed."""
+    condition = ev.Condition("target", 10)
+    return [
+        _by_strategy(ev.run_condition(condition, workdir, ("partial", "full", "scratch"), seed=s))
+        for s in SEEDS
+    ]
+
+
+@pytest.mark.slow
+def test_few_images_in_domain_the_advisor_keeps_the_baseline(few_in_domain: list[dict]) -> None:
+    for run in few_in_domain:
+        base = run["baseline"]
+        assert not base.advisor_finetune and "too little data" in base.advisor_reason, base.advisor_reason
+
+
+@pytest.mark.slow
 @pytest.mark.xfail(
-    reason="not reproduced: the converged probe reaches 0.988 on inverted+rotated digits (bench/RESULTS.md)",
+    reason="not reproduced at the default 12 epochs: fine-tuning 10 images/class in-domain beats the baseline "
+    "by +0.06 (partial) and +0.07 (full) in every seed (bench/RESULTS.md), so keeping the baseline costs accuracy",
     strict=False,
 )
-def test_shifted_target_fine_tuning_beats_the_frozen_baseline(ev: ModuleType, workdir: Path) -> None:
-    rows = _by_strategy(ev.run_condition(ev.Condition("target-shifted", None), workdir, ("full",), epochs=6))
-    base, full = rows["baseline"], rows["full"]
-    assert full.accuracy > base.accuracy + 0.01, (full.accuracy, base.accuracy)
-    assert base.domain_shift is not None
+def test_few_images_in_domain_keeping_the_baseline_costs_less_than_the_margin(
+    few_in_domain: list[dict],
+) -> None:
+    for run in few_in_domain:
+        base = run["baseline"]
+        assert max(run["partial"].accuracy, run["full"].accuracy) <= base.accuracy + 0.01
 
 
 @pytest.mark.slow
-def test_few_images_in_domain_keeps_the_baseline(ev: ModuleType, workdir: Path) -> None:
-    rows = _by_strategy(ev.run_condition(ev.Condition("target", 10), workdir, ("partial", "full"), epochs=6))
-    base = rows["baseline"]
-    assert not base.advisor_finetune and "too little data" in base.advisor_reason
-    # keeping it costs nothing measurable: no fine-tuned model leaves the baseline's 95% interval upwards
-    assert rows["partial"].accuracy <= base.ci[1] and rows["full"].accuracy <= base.ci[1]
-
-
-@pytest.mark.slow
-def test_few_images_transfer_beats_training_from_scratch(ev: ModuleType, workdir: Path) -> None:
-    rows = _by_strategy(ev.run_condition(ev.Condition("target", 10), workdir, ("scratch",), epochs=6))
-    assert rows["baseline"].accuracy > rows["scratch"].accuracy, (
-        rows["baseline"].accuracy,
-        rows["scratch"].accuracy,
-    )
+def test_few_images_transfer_beats_training_from_scratch(few_in_domain: list[dict]) -> None:
+    """The same network and training (``full``), from the source weights or from a random init."""
+    gains = [run["full"].accuracy - run["scratch"].accuracy for run in few_in_domain]
+    assert min(gains) > 0 and sum(gains) / len(gains) > 0.01, gains

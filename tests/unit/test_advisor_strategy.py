@@ -1,11 +1,12 @@
-"""The advisor's optional strategy choice (baseline.advisor.choose_strategy), one test per branch."""
+"""The advisor's strategy choice (baseline.advisor.choose_strategy), one test per branch."""
 
 from __future__ import annotations
 
 import pytest
 
 from adaptflow.config import AdvisorConfig, FinetuneConfig, load_settings
-from adaptflow.training.advisor import advise
+from adaptflow.contracts import FinetuneDecision
+from adaptflow.training.advisor import advise, finetune_settings
 
 ON = AdvisorConfig(choose_strategy=True, high_shift=1.0, few_images_per_class=50)
 
@@ -21,22 +22,40 @@ def _signals(
     }
 
 
-def test_choice_is_off_by_default_and_keeps_the_configured_strategy() -> None:
-    assert load_settings().baseline.advisor.choose_strategy is False
-    decision = advise(_signals(shift=5.0, per_class=30), AdvisorConfig(), FinetuneConfig(strategy="lora"))
-    assert decision.should_finetune and decision.strategy == "lora"
+def test_choice_is_on_by_default_and_can_be_turned_off() -> None:
+    advisor = load_settings().baseline.advisor
+    assert advisor.choose_strategy is True and advisor.high_shift == 0.25
+    off = AdvisorConfig(choose_strategy=False)
+    decision = advise(_signals(shift=5.0, per_class=30), off, FinetuneConfig(strategy="lora"))
+    assert decision.should_finetune and decision.strategy == "lora" and decision.layer_decay is None
     assert "chosen" not in decision.reason
+    ft = FinetuneConfig(strategy="lora", layer_decay=0.5)
+    assert finetune_settings(ft, decision, off) == ft
 
 
-def test_high_shift_chooses_full() -> None:
+def test_high_shift_chooses_full_with_uniform_rates() -> None:
     decision = advise(_signals(shift=1.7, per_class=30), ON, FinetuneConfig(strategy="lora"))
-    assert decision.should_finetune and decision.strategy == "full"
-    assert "domain shift 1.70 >= high_shift 1.00" in decision.reason
+    assert decision.should_finetune and decision.strategy == "full" and decision.layer_decay == 1.0
+    assert (
+        "domain shift 1.70 >= high_shift 1.00" in decision.reason
+        and "uniform learning rates" in decision.reason
+    )
+    trained = finetune_settings(FinetuneConfig(strategy="lora", layer_decay=0.5), decision, ON)
+    assert trained.strategy == "full" and trained.layer_decay == 1.0
+    # compare names each strategy itself; the advisor's rate profile still applies to it
+    assert finetune_settings(FinetuneConfig(layer_decay=0.5), decision, ON, "partial").model_dump() == (
+        FinetuneConfig(strategy="partial", layer_decay=1.0).model_dump()
+    )
+
+
+def test_decisions_saved_before_layer_decay_existed_still_load() -> None:
+    old = {"should_finetune": True, "strategy": "full", "reason": "r", "signals": {}}
+    assert FinetuneDecision.model_validate(old).layer_decay is None
 
 
 def test_low_shift_and_few_images_chooses_partial() -> None:
     decision = advise(_signals(shift=0.4, per_class=30), ON, FinetuneConfig(strategy="full"))
-    assert decision.should_finetune and decision.strategy == "partial"
+    assert decision.should_finetune and decision.strategy == "partial" and decision.layer_decay is None
     assert "30 images in the smallest class (< 50)" in decision.reason
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from adaptflow.config import AdvisorConfig, FinetuneConfig, load_settings
 from adaptflow.contracts import BaselineResult, Candidate
@@ -49,6 +50,20 @@ def test_baseline_candidate_and_decision(baseline_run) -> None:  # type: ignore[
     assert signals["domain_shift"] is not None and float(signals["domain_shift"]) > 0
     assert float(signals["estimated_finetune_seconds"]) > 0
     assert result.decision.reason
+
+
+def test_baseline_saves_the_backbone_its_head_was_trained_on(baseline_run, tiny_assets) -> None:  # type: ignore[no-untyped-def]
+    """The throughput probe runs a train-mode step; BatchNorm running statistics must not move."""
+    from adaptflow.models.weights import read_weights_file
+    from adaptflow.training.candidates import load_candidate
+
+    _settings, _snapshot, _inputs, _result, work = baseline_run
+    source, _meta = read_weights_file(tiny_assets.weights)
+    _candidate, model = load_candidate(work / "baseline" / "candidate")
+    saved = model.backbone.state_dict()
+    stats = [k for k in saved if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) == 40  # resnet18: 20 BatchNorm layers
+    assert all(torch.equal(saved[k], source[k]) for k in stats)
 
 
 @pytest.mark.parametrize("strategy", ["partial", "full"])

@@ -3,34 +3,28 @@
 Signals (all recorded in the decision and in MLflow):
 - ``baseline_val_accuracy`` against ``target_accuracy``: transfer learning may already be enough.
 - ``min_train_images_per_class``: with few images, fine-tuning a whole backbone overfits.
-- ``domain_shift``: how far the target's frozen features sit from the source's (mean absolute
-  standardized difference of feature means, using the statistics saved with the weights). Large
-  values mean the frozen features were made for other images, so fine-tuning deeper pays more.
+- ``domain_shift``: how far the target sits from the images the backbone was pretrained on, as
+  the frozen backbone's own BatchNorm layers see it (:mod:`adaptflow.training.shift`: mean
+  per-channel KL divergence of the target's activation statistics from the stored source
+  statistics, over every BatchNorm layer; 0 = looks like the source).
 - ``estimated_finetune_seconds``: measured train throughput x planned epochs x train images,
   against ``budget_seconds``.
 
-How domain shift is measured: the pretrained weights carry the source task's feature statistics
-(``feature_mean``/``feature_std``, per feature dimension, over the source training images; written by
-``adaptflow.training.pretrain``). The baseline computes the frozen features of the target's training
-images anyway (they are cached), and the signal is
+Strategy choice (``choose_strategy``, on by default; only when fine-tuning pays):
 
-    mean_d |mean_target[d] - mean_source[d]| / (std_source[d] + 1e-3)
+- a shift at or above ``high_shift`` picks ``full`` with *uniform* learning rates
+  (``layer_decay`` 1.0). Discriminative rates assume the early layers are already right; under an
+  input-level shift they are the ones that must change most (Lee et al. 2023, "Surgical
+  fine-tuning"). On the demo's texture-drawn digits (shift 1.05) full fine-tuning with
+  ``layer_decay`` 0.5 reached 0.835 test accuracy, below the frozen baseline's 0.938; with 1.0 it
+  reached 0.972 (bench/RESULTS.md, "Fine-tuning recipes under domain shift");
+- otherwise fewer than ``few_images_per_class`` training images in the smallest class picks
+  ``partial`` (fewer parameters to overfit with; not measured here, a conservative rule);
+- otherwise ``finetune.strategy`` and its ``layer_decay`` stay.
 
-i.e. how many source standard deviations the average target feature moved. It is cheap (no extra
-forward passes), needs no source images at run time, and is None for weights without statistics
-(e.g. torchvision's ImageNet files). It looks at first moments only: a target that differs only in
-feature correlations scores low.
-
-Strategy choice (``choose_strategy``, off by default; only when fine-tuning pays): a shift at or
-above ``high_shift`` picks ``full`` (the frozen features were made for other images, so the deep
-layers must move); otherwise fewer than ``few_images_per_class`` training images in the smallest class
-picks ``partial`` (fewer parameters to overfit with); otherwise ``finetune.strategy`` stays.
-
-Measured limits (bench/RESULTS.md, split-task digits): the signal did NOT separate the targets there
-(in-domain 5-9: 0.56, inverted + rotated 5-9: 0.54), although full fine-tuning gained most on the
-shifted target. First moments of pooled features miss this kind of shift, which is why the choice is
-off by default and the rule stays conservative; do not rely on ``high_shift`` without measuring it on
-your own data.
+``high_shift`` (0.25) sits between what the demo measured for the in-domain target (0.14) and the
+mildest shifted one (inverted digits, 0.34). It is calibrated on that demo only: measure the
+signal on your own in-domain and shifted data (it is logged with every run) before you rely on it.
 """
 
 from __future__ import annotations
@@ -48,9 +42,10 @@ def advise(signals: dict[str, SignalValue], cfg: AdvisorConfig, ft: FinetuneConf
     shift = signals.get("domain_shift")
     shift_text = f", domain shift {float(shift):.2f}" if isinstance(shift, (int, float)) else ""
     strategy: str = ft.strategy
+    layer_decay: float | None = None
     why = ""
     if cfg.choose_strategy:
-        strategy, why = choose_strategy(signals, cfg, ft)
+        strategy, layer_decay, why = choose_strategy(signals, cfg, ft)
 
     if cfg.force is not None:
         verb = "fine-tune" if cfg.force else "keep the baseline"
@@ -59,6 +54,7 @@ def advise(signals: dict[str, SignalValue], cfg: AdvisorConfig, ft: FinetuneConf
             strategy=strategy,
             reason=f"forced by baseline.advisor.force={cfg.force}: {verb} (val accuracy {acc:.3f}{shift_text})",
             signals=signals,
+            layer_decay=layer_decay,
         )
     if acc >= cfg.target_accuracy:
         return FinetuneDecision(
@@ -69,6 +65,7 @@ def advise(signals: dict[str, SignalValue], cfg: AdvisorConfig, ft: FinetuneConf
                 f"{cfg.target_accuracy:.3f}{shift_text}"
             ),
             signals=signals,
+            layer_decay=layer_decay,
         )
     if per_class < cfg.min_images_per_class:
         return FinetuneDecision(
@@ -79,6 +76,7 @@ def advise(signals: dict[str, SignalValue], cfg: AdvisorConfig, ft: FinetuneConf
                 f"(< {cfg.min_images_per_class}); fine-tuning would likely overfit, so the baseline stays"
             ),
             signals=signals,
+            layer_decay=layer_decay,
         )
     if estimate > cfg.budget_seconds:
         return FinetuneDecision(
@@ -89,6 +87,7 @@ def advise(signals: dict[str, SignalValue], cfg: AdvisorConfig, ft: FinetuneConf
                 f"{cfg.budget_seconds:.0f}s budget"
             ),
             signals=signals,
+            layer_decay=layer_decay,
         )
     return FinetuneDecision(
         should_finetune=True,
@@ -99,23 +98,48 @@ def advise(signals: dict[str, SignalValue], cfg: AdvisorConfig, ft: FinetuneConf
             f"{estimate:.0f}s fits the {cfg.budget_seconds:.0f}s budget{why}"
         ),
         signals=signals,
+        layer_decay=layer_decay,
     )
 
 
 def choose_strategy(
     signals: dict[str, SignalValue], cfg: AdvisorConfig, ft: FinetuneConfig
-) -> tuple[str, str]:
-    """(strategy, the reason's tail): high shift -> full; low shift + few images -> partial; else as configured."""
+) -> tuple[str, float | None, str]:
+    """(strategy, layer_decay or None for the configured one, the reason's tail)."""
     shift = signals.get("domain_shift")
     per_class = int(signals.get("min_train_images_per_class") or 0)
     if isinstance(shift, (int, float)) and float(shift) >= cfg.high_shift:
-        return "full", (
-            f"; full fine-tuning chosen: domain shift {float(shift):.2f} >= high_shift {cfg.high_shift:.2f}, "
-            "so the deep features must adapt"
+        return (
+            "full",
+            1.0,
+            (
+                f"; full fine-tuning with uniform learning rates chosen: domain shift {float(shift):.2f} >= "
+                f"high_shift {cfg.high_shift:.2f}, so the early layers must adapt as much as the late ones"
+            ),
         )
     if per_class < cfg.few_images_per_class:
-        return "partial", (
-            f"; partial fine-tuning chosen: {per_class} images in the smallest class (< {cfg.few_images_per_class})"
-            " and low domain shift, so only the last blocks train"
+        return (
+            "partial",
+            None,
+            (
+                f"; partial fine-tuning chosen: {per_class} images in the smallest class (< {cfg.few_images_per_class})"
+                " and low domain shift, so only the last blocks train"
+            ),
         )
-    return ft.strategy, f"; {ft.strategy} kept (finetune.strategy): low domain shift and enough images"
+    return ft.strategy, None, f"; {ft.strategy} kept (finetune.strategy): low domain shift and enough images"
+
+
+def finetune_settings(
+    ft: FinetuneConfig, decision: FinetuneDecision, cfg: AdvisorConfig, strategy: str | None = None
+) -> FinetuneConfig:
+    """The fine-tuning config a run trains with: as configured, or as the advisor chose.
+
+    ``strategy`` names the strategy explicitly (``adaptflow compare`` trains each one); the
+    advisor's learning-rate profile still applies to it when ``choose_strategy`` is on.
+    """
+    if not cfg.choose_strategy:
+        return ft if strategy is None else ft.model_copy(update={"strategy": strategy})
+    update: dict[str, object] = {"strategy": strategy or decision.strategy}
+    if decision.layer_decay is not None:
+        update["layer_decay"] = decision.layer_decay
+    return ft.model_copy(update=update)

@@ -17,14 +17,15 @@ from torch import nn
 
 from adaptflow.config import BackboneSpec, BaselineConfig, FinetuneConfig
 from adaptflow.contracts import BaselineResult, Candidate, Snapshot
-from adaptflow.data.images import ImageStore, train_transform
-from adaptflow.models.factory import build_model, count_parameters
+from adaptflow.data.images import ImageStore, eval_transform, train_transform
+from adaptflow.models.factory import Classifier, build_model, count_parameters
 from adaptflow.models.weights import ResolvedWeights
 from adaptflow.training.advisor import SignalValue, advise
 from adaptflow.training.candidates import save_candidate
 from adaptflow.training.features import FeatureCache, cache_namespace, extract_features
 from adaptflow.training.probe import train_linear_probe
 from adaptflow.training.runtime import pick_device, reset_peak_memory, seed_everything
+from adaptflow.training.shift import batchnorm_shift
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,19 @@ def _labels(entries: list, class_names: tuple[str, ...]) -> np.ndarray:
     return np.array([index[e.label] for e in entries], dtype=np.int64)
 
 
-def domain_shift(features: np.ndarray, meta: dict[str, object]) -> float | None:
-    """Mean |standardized difference| between target and source feature means (None without source stats)."""
-    mean, std = meta.get("feature_mean"), meta.get("feature_std")
-    if not isinstance(mean, list) or not isinstance(std, list) or len(mean) != features.shape[1]:
-        return None
-    mu_s, sd_s = np.asarray(mean), np.asarray(std)
-    return float(np.mean(np.abs(features.mean(0) - mu_s) / (sd_s + 1e-3)))
+def measure_domain_shift(
+    model: Classifier, snapshot: Snapshot, inputs: BaselineInputs, store: ImageStore, device: torch.device
+) -> float | None:
+    """BatchNorm-statistics shift (:mod:`adaptflow.training.shift`) on an even sample of training images."""
+    train = snapshot.split("train")
+    step = max(1, -(-len(train) // inputs.cfg.advisor.shift_sample_images))  # ceil: at most N images
+    sample, size = train[::step], inputs.cfg.feature_batch_size
+    transform = eval_transform(inputs.weights.preprocessing)
+    batches = (
+        torch.stack([transform(store.image(e)) for e in sample[i : i + size]])
+        for i in range(0, len(sample), size)
+    )
+    return batchnorm_shift(model.backbone, batches, device)
 
 
 def measure_train_throughput(
@@ -63,6 +70,9 @@ def measure_train_throughput(
     transform = train_transform(pre)
     x = torch.stack([transform(store.image(e)) for e in entries]).to(device)
     y = torch.as_tensor(_labels(entries, snapshot.class_names), device=device)
+    # A train-mode forward updates BatchNorm running statistics: without restoring them the saved
+    # baseline would score test images with statistics its head was never trained on.
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     model.train()
     params = [p for p in model.parameters()]
     for p in params:
@@ -75,6 +85,9 @@ def measure_train_throughput(
     for p in params:
         p.requires_grad_(False)
     model.eval()
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
     return len(entries) / max(elapsed, 1e-6)
 
 
@@ -115,7 +128,7 @@ def run_baseline(
     throughput = measure_train_throughput(model, snapshot, inputs, store, device)
     planned_images = len(train) * inputs.finetune.epochs
     estimate = planned_images / throughput * 1.25  # +25% for validation passes
-    shift = domain_shift(feats.features[: len(train)], inputs.weights.meta)
+    shift = measure_domain_shift(model, snapshot, inputs, store, device)
     signals: dict[str, SignalValue] = {
         "baseline_val_accuracy": round(best.val_accuracy, 6),
         "baseline_train_accuracy": round(best.train_accuracy, 6),

@@ -14,14 +14,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from adaptflow.config import IngestConfig
 from adaptflow.contracts import Preprocessing
 from adaptflow.data.images import ImageStore, eval_transform, train_transform
 from adaptflow.data.ingest import ingest
-from adaptflow.models.factory import Classifier, build_torchvision
+from adaptflow.models.factory import build_torchvision
 from adaptflow.models.weights import save_weights_file
 from adaptflow.training.data import make_loader
 from adaptflow.training.loop import evaluate_loader, fit
@@ -96,19 +95,6 @@ def pretrain(
     )
     _, test_acc = evaluate_loader(net, test_loader, dev, amp=False)
 
-    # Source feature statistics (the advisor compares target features against them).
-    probe = Classifier(backbone, len(classes))
-    probe.load_backbone_state(net.state_dict())
-    probe.eval()
-    with torch.inference_mode():
-        feats = torch.cat(
-            [
-                probe.features(x)
-                for x, _ in make_loader(
-                    train, classes, eval_transform(pre), store, batch_size=256, shuffle=False
-                )
-            ]
-        ).numpy()
     meta: dict[str, object] = {
         "architecture": backbone,
         "preprocessing": pre.model_dump(mode="json"),
@@ -116,8 +102,6 @@ def pretrain(
         "source_fingerprint": snapshot.fingerprint,
         "source_val_accuracy": round(result.best_val_accuracy, 6),
         "source_test_accuracy": round(test_acc, 6),
-        "feature_mean": np.round(feats.mean(0), 6).tolist(),
-        "feature_std": np.round(feats.std(0), 6).tolist(),
         "epochs": len(result.history),
         "seed": seed,
     }
@@ -126,7 +110,7 @@ def pretrain(
     sidecar = {
         "file": out.name,
         "sha256": sha,
-        **{k: v for k, v in meta.items() if not k.startswith("feature_")},
+        **meta,
     }
     out.with_name(out.name + ".json").write_text(json.dumps(sidecar, indent=2))
     seconds = time.perf_counter() - start
