@@ -7,8 +7,10 @@ into the report task. kfp.local executes the same IR, so this runs the very DAG 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,23 @@ from adaptflow.compare import CompareResult
 from adaptflow.config import Settings
 
 
+@contextlib.contextmanager
+def _builtin_print_kept() -> Iterator[None]:
+    original = builtins.print
+    try:
+        yield
+    finally:
+        builtins.print = original
+
+
 def test_compare_pipeline_fans_out_per_strategy_and_collects_one_report(
     tiny_settings: Settings, tiny_assets: Any, tmp_path: Path
 ) -> None:
     settings = tiny_settings
     init_kfp_local(tmp_path / "root")
-    with contextlib.redirect_stdout(sys.stderr):
+    # kfp.local runs loop iterations in threads, each swapping builtins.print for an indenting one
+    # and back; interleaved, the last restore can leave an indenting print behind. Keep ours.
+    with contextlib.redirect_stdout(sys.stderr), _builtin_print_kept():
         task = build_compare_pipeline(settings)(
             data_uri=str(tiny_assets.target_shifted),
             strategies=["linear_probe", "partial"],
