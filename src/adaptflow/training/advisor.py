@@ -47,58 +47,44 @@ def advise(signals: dict[str, SignalValue], cfg: AdvisorConfig, ft: FinetuneConf
     if cfg.choose_strategy:
         strategy, layer_decay, why = choose_strategy(signals, cfg, ft)
 
+    def decide(should_finetune: bool, reason: str) -> FinetuneDecision:
+        return FinetuneDecision(
+            should_finetune=should_finetune,
+            strategy=strategy,
+            reason=reason,
+            signals=signals,
+            layer_decay=layer_decay,
+        )
+
     if cfg.force is not None:
         verb = "fine-tune" if cfg.force else "keep the baseline"
-        return FinetuneDecision(
-            should_finetune=cfg.force,
-            strategy=strategy,
-            reason=f"forced by baseline.advisor.force={cfg.force}: {verb} (val accuracy {acc:.3f}{shift_text})",
-            signals=signals,
-            layer_decay=layer_decay,
+        return decide(
+            cfg.force,
+            f"forced by baseline.advisor.force={cfg.force}: {verb} (val accuracy {acc:.3f}{shift_text})",
         )
     if acc >= cfg.target_accuracy:
-        return FinetuneDecision(
-            should_finetune=False,
-            strategy=strategy,
-            reason=(
-                f"transfer learning is enough: baseline val accuracy {acc:.3f} reaches the target "
-                f"{cfg.target_accuracy:.3f}{shift_text}"
-            ),
-            signals=signals,
-            layer_decay=layer_decay,
+        return decide(
+            False,
+            f"transfer learning is enough: baseline val accuracy {acc:.3f} reaches the target "
+            f"{cfg.target_accuracy:.3f}{shift_text}",
         )
     if per_class < cfg.min_images_per_class:
-        return FinetuneDecision(
-            should_finetune=False,
-            strategy=strategy,
-            reason=(
-                f"too little data to fine-tune safely: {per_class} training images in the smallest class "
-                f"(< {cfg.min_images_per_class}); fine-tuning would likely overfit, so the baseline stays"
-            ),
-            signals=signals,
-            layer_decay=layer_decay,
+        return decide(
+            False,
+            f"too little data to fine-tune safely: {per_class} training images in the smallest class "
+            f"(< {cfg.min_images_per_class}); fine-tuning would likely overfit, so the baseline stays",
         )
     if estimate > cfg.budget_seconds:
-        return FinetuneDecision(
-            should_finetune=False,
-            strategy=strategy,
-            reason=(
-                f"over budget: fine-tuning is estimated at {estimate:.0f}s, above the "
-                f"{cfg.budget_seconds:.0f}s budget"
-            ),
-            signals=signals,
-            layer_decay=layer_decay,
+        return decide(
+            False,
+            f"over budget: fine-tuning is estimated at {estimate:.0f}s, above the "
+            f"{cfg.budget_seconds:.0f}s budget",
         )
-    return FinetuneDecision(
-        should_finetune=True,
-        strategy=strategy,
-        reason=(
-            f"fine-tune ({strategy}): baseline val accuracy {acc:.3f} is below the target {cfg.target_accuracy:.3f}"
-            f"{shift_text}; the smallest class has {per_class} training images and the estimated "
-            f"{estimate:.0f}s fits the {cfg.budget_seconds:.0f}s budget{why}"
-        ),
-        signals=signals,
-        layer_decay=layer_decay,
+    return decide(
+        True,
+        f"fine-tune ({strategy}): baseline val accuracy {acc:.3f} is below the target {cfg.target_accuracy:.3f}"
+        f"{shift_text}; the smallest class has {per_class} training images and the estimated "
+        f"{estimate:.0f}s fits the {cfg.budget_seconds:.0f}s budget{why}",
     )
 
 

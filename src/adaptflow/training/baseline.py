@@ -22,6 +22,7 @@ from adaptflow.models.factory import Classifier, build_model, count_parameters
 from adaptflow.models.weights import ResolvedWeights
 from adaptflow.training.advisor import SignalValue, advise
 from adaptflow.training.candidates import save_candidate
+from adaptflow.training.data import make_loader
 from adaptflow.training.features import FeatureCache, cache_namespace, extract_features
 from adaptflow.training.probe import train_linear_probe
 from adaptflow.training.runtime import pick_device, reset_peak_memory, seed_everything
@@ -52,13 +53,15 @@ def measure_domain_shift(
     """BatchNorm-statistics shift (:mod:`adaptflow.training.shift`) on an even sample of training images."""
     train = snapshot.split("train")
     step = max(1, -(-len(train) // inputs.cfg.advisor.shift_sample_images))  # ceil: at most N images
-    sample, size = train[::step], inputs.cfg.feature_batch_size
-    transform = eval_transform(inputs.weights.preprocessing)
-    batches = (
-        torch.stack([transform(store.image(e)) for e in sample[i : i + size]])
-        for i in range(0, len(sample), size)
+    loader = make_loader(
+        train[::step],
+        snapshot.class_names,
+        eval_transform(inputs.weights.preprocessing),
+        store,
+        batch_size=inputs.cfg.feature_batch_size,
+        shuffle=False,
     )
-    return batchnorm_shift(model.backbone, batches, device)
+    return batchnorm_shift(model.backbone, (x for x, _ in loader), device)
 
 
 def measure_train_throughput(
