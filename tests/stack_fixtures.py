@@ -2,12 +2,11 @@
 
 Load it with ``pytest_plugins = ["stack_fixtures"]`` in tests/conftest.py (tests/ on the
 pythonpath), or ``-p stack_fixtures``. Without PostgreSQL binaries the fixture skips, or fails
-when ``CI=true``: CI must not silently skip the stack tests.
+when ``ADAPTFLOW_REQUIRE_SERVICES=1`` (tests/services.py): CI must not silently skip the stack tests.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,20 +15,17 @@ from pathlib import Path
 import pytest
 
 from adaptflow.localstack import StackConfig, StackInfo, find_pg_bin_dir, stack_down, stack_up
+from services import require_or_skip
 
 
 @pytest.fixture(scope="session")
 def production_stack() -> Iterator[StackInfo]:
     """A running stack on free loopback ports in a fresh folder; stopped (data and all) at the end."""
     if find_pg_bin_dir() is None:
-        reason = (
+        require_or_skip(
             "PostgreSQL server binaries (initdb, postgres, pg_isready, psql) not found: "
             "apt-get install postgresql, or set ADAPTFLOW_PG_BIN"
         )
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true and {reason}")
-        print(f"skipping stack tests: {reason}")
-        pytest.skip(reason)
     # Not under pytest's basetemp: /tmp/pytest-of-root is mode 0700, and when the tests run as
     # root PostgreSQL runs as an unprivileged user who must be able to enter the stack folder.
     base = Path(tempfile.mkdtemp(prefix="adaptflow-stack-"))

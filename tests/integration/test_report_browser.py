@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import pytest
 
 from adaptflow.compare import run_compare
 from adaptflow.config import load_settings
+from services import require_or_skip
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -41,11 +41,7 @@ def chromium() -> str:
         found = shutil.which(name)
         if found:
             return found
-    reason = "chromium is not installed (Debian: apt-get install -y chromium)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}; CI must install it")
-    print(f"SKIP: {reason}")
-    pytest.skip(reason)
+    require_or_skip("chromium is not installed (Debian: apt-get install -y chromium)")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Needs `kubectl` (its built-in `kustomize`). Debian 12 ships it as package `kubernetes-client`
 (kubectl 1.20, kustomize v2.0.3); the overlays are written for that version and render the same
-with newer kubectl. Without kubectl the tests skip, except under CI (CI=true), where they fail.
+with newer kubectl. Without kubectl the tests skip, except with ADAPTFLOW_REQUIRE_SERVICES=1 (CI), where they fail.
 Set KUBECTL to use another binary.
 """
 
@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from services import require_or_skip
 
 K8S_DIR = Path(__file__).resolve().parents[2] / "infra" / "k8s"
 OVERLAYS = ("dev", "prod")
@@ -36,11 +38,7 @@ def _kubectl() -> str:
     found = os.environ.get("KUBECTL") or shutil.which("kubectl")
     if found:
         return found
-    reason = "kubectl not found (Debian: apt-get install kubernetes-client); infra/k8s not rendered"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason}, and CI=true: CI must install it")
-    print(f"SKIP: {reason}")
-    pytest.skip(reason)
+    require_or_skip("kubectl not found (Debian: apt-get install kubernetes-client); infra/k8s not rendered")
 
 
 def _render(overlay: str) -> list[dict[str, Any]]:
