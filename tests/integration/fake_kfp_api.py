@@ -11,6 +11,22 @@ in memory, records every request, and answers with bodies that ``kfp_server_api`
 - ``POST /apis/v2beta1/runs``, ``GET /runs/{id}``
 - ``POST/GET /apis/v2beta1/recurringruns``, ``GET/DELETE /recurringruns/{id}``
 
+Like the real API server (``backend/src/apiserver``: ``run_server.go``, ``job_server.go``,
+``template/template.go`` and ``template/v2_template.go``), it refuses with HTTP 400 (gRPC code 3,
+InvalidArgument) and a message worded like the server's:
+
+- a run or recurring run with an empty or missing ``display_name``;
+- ``runtime_config.parameters`` that do not match the root ``inputDefinitions.parameters`` of the
+  pipeline spec it runs (``validatePipelineJobInputs``): an unknown name, a missing required one
+  (neither ``isOptional`` nor a ``defaultValue``), or a value of the wrong JSON type;
+- an uploaded package with no pipeline-spec document (``pipelineInfo.name`` and ``root``), more than
+  one, or a ``schemaVersion`` other than 2.1.0; other documents (the platform spec that kfp writes
+  after the pipeline spec) are skipped;
+- a recurring run with no trigger, or a ``cron_schedule`` without a ``cron`` expression.
+
+An inline ``pipeline_spec`` that is no pipeline spec is an HTTP 500, as on the server. One check is
+stricter than the server: a fractional number for a NUMBER_INTEGER parameter is refused.
+
 Usage::
 
     with FakeKfpApi() as api:
@@ -27,6 +43,7 @@ import itertools
 import json
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +57,21 @@ API = "/apis/v2beta1"
 # grpc codes the real server puts in its error bodies
 _GRPC = {400: 3, 401: 16, 403: 7, 404: 5, 409: 6, 500: 13}
 _FILTER_OPS = {1: "EQUALS", 2: "NOT_EQUALS", 9: "IS_SUBSTRING"}
+_SCHEMA_VERSION = "2.1.0"  # the only pipeline-spec schema the API server accepts
+
+# Where the server's error messages come from, outermost wrapper first (util.Wrap joins with ": ").
+_RUN_PREFIX = "Failed to create a new run"
+_RECURRING_RUN_PREFIX = "Failed to create a recurring run"
+_RUN_INPUTS_PREFIX = f"{_RUN_PREFIX}: Failed to generate the ExecutionSpec: invalid pipeline job inputs"
+_RECURRING_RUN_INPUTS_PREFIX = (
+    f"{_RECURRING_RUN_PREFIX}: Failed to create a recurring run during scheduled workflow creation: "
+    "invalid pipeline job inputs"
+)
+_INVALID_INPUT = "Invalid input error"  # util.NewInvalidInputError's prefix
+_RUN_NAME_EMPTY = "The run name is empty. Please specify a valid name"
+_RECURRING_RUN_NAME_EMPTY = "Recurring run name is empty. Please specify a valid name"
+_CRON_EMPTY = "the cron schedule of a recurring run needs a cron expression"
+_UNKNOWN_TEMPLATE = "unknown template format"
 
 
 @dataclass
@@ -62,6 +94,126 @@ class _ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)  # JSON true is not a number
+
+
+# parameterType -> (the type as the server's message words it, the JSON value check)
+_PARAMETER_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "NUMBER_DOUBLE": ("double or integer", _is_number),
+    "NUMBER_INTEGER": ("double or integer", _is_number),
+    "STRING": ("string", lambda v: isinstance(v, str)),
+    "BOOLEAN": ("bool", lambda v: isinstance(v, bool)),
+    "LIST": ("list", lambda v: isinstance(v, list)),
+    "STRUCT": ("struct", lambda v: isinstance(v, dict)),
+}
+_PARAMETER_TYPE_NAMES = {
+    0: "PARAMETER_TYPE_ENUM_UNSPECIFIED",
+    1: "NUMBER_DOUBLE",
+    2: "NUMBER_INTEGER",
+    3: "STRING",
+    4: "BOOLEAN",
+    5: "LIST",
+    6: "STRUCT",
+    7: "TASK_FINAL_STATUS",
+    8: "TASK_CONFIG",
+}
+
+
+def _parameter_type_problem(name: str, parameter_type: Any, value: Any) -> str | None:
+    """The API server's type check of one root input parameter (``validatePipelineJobInputs``)."""
+    kind = parameter_type
+    if isinstance(parameter_type, int):  # protojson also accepts the enum's number
+        kind = _PARAMETER_TYPE_NAMES.get(parameter_type, "")
+    if kind in (None, "", "PARAMETER_TYPE_ENUM_UNSPECIFIED"):
+        return f"input parameter {name} has unspecified type"
+    if kind == "TASK_FINAL_STATUS":
+        return f"input parameter {name} requires type TASK_FINAL_STATUS, which is invalid for root component"
+    if kind not in _PARAMETER_CHECKS:
+        return f"input parameter {name} requires type unknown"
+    word, check = _PARAMETER_CHECKS[kind]
+    if not check(value):
+        if kind.startswith("NUMBER_"):
+            return (
+                f"input parameter {name} requires type {word}, "
+                "but the parameter value is not of number value type"
+            )
+        return f"input parameter {name} requires type {word}, but the input parameter is not of {word} value type"
+    if kind == "NUMBER_INTEGER" and isinstance(value, float) and not value.is_integer():
+        # Stricter than the API server, whose protobuf Values are all doubles and which lets 2.5
+        # through for an integer; a fractional value for an int parameter is always a caller bug.
+        return f"input parameter {name} requires type integer, but the parameter value {value!r} is not whole"
+    return None
+
+
+def pipeline_job_inputs_problem(spec: dict[str, Any], runtime_config: Any) -> str | None:
+    """Why ``runtime_config`` does not fit the root inputs of ``spec``, or None when it does.
+
+    The checks and their messages follow the API server's ``validatePipelineJobInputs``; parameters are
+    visited in the spec's order (the server walks a Go map, so its choice among several problems varies).
+    """
+    declared = _mapping(_mapping(_mapping(spec.get("root")).get("inputDefinitions")).get("parameters"))
+    given = _mapping(runtime_config).get("parameters") or {}
+    if not isinstance(given, dict):
+        return "runtime_config.parameters must be a JSON object of parameter name to value"
+    for name, value in declared.items():
+        definition = _mapping(value)
+        if name not in given:
+            if not definition.get("isOptional") and "defaultValue" not in definition:
+                return (
+                    f"parameter {name} is not optional, yet has neither default value nor user provided value"
+                )
+            continue
+        problem = _parameter_type_problem(name, definition.get("parameterType"), given[name])
+        if problem is not None:
+            return problem
+    extra = [name for name in given if name not in declared]
+    if extra:
+        return f"parameter(s) provided are not required by pipeline: {', '.join(extra)}"
+    return None
+
+
+def _is_pipeline_spec(doc: dict[str, Any]) -> bool:
+    """The server's ``isPipelineSpec``: a document with a non-empty pipelineInfo.name and a root."""
+    info = doc.get("pipelineInfo")
+    return isinstance(info, dict) and bool(info.get("name")) and isinstance(doc.get("root"), dict)
+
+
+def parse_pipeline_package(content: bytes) -> dict[str, Any]:
+    """The pipeline spec of a compiled package, refused (400) where ``template.New`` refuses it.
+
+    ``kfp`` compiles to one YAML document, or two when the pipeline has Kubernetes settings: the
+    pipeline spec, then a platform spec (``platforms: {kubernetes: ...}``). Like the server, pick the
+    one pipeline-spec document, whatever its position, and skip the others.
+    """
+    try:
+        docs = [doc for doc in yaml.safe_load_all(content.decode("utf-8")) if doc is not None]
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise _ApiError(400, f"unable to decode yaml document: {exc}") from exc
+    if any(not isinstance(doc, dict) for doc in docs):
+        raise _ApiError(400, "unable to decode yaml document: a document is not a mapping")
+    specs = [doc for doc in docs if _is_pipeline_spec(doc)]
+    if not specs:
+        raise _ApiError(
+            400,
+            f"{_UNKNOWN_TEMPLATE}: no document is a v2 pipeline spec (one needs pipelineInfo.name and root)",
+        )
+    if len(specs) > 1:
+        raise _ApiError(400, "multiple pipeline specs provided")
+    spec = specs[0]
+    version = spec.get("schemaVersion") or ""
+    if version != _SCHEMA_VERSION:
+        raise _ApiError(
+            400,
+            f"KFP only supports schema version {_SCHEMA_VERSION}, but the pipeline spec has version {version}",
+        )
+    return spec
 
 
 class FakeKfpApi:
@@ -291,15 +443,9 @@ class FakeKfpApi:
 
         raise _ApiError(404, f"no route for {method} {path}")
 
-    def _version(self, pipeline_id: str, name: str, req: RecordedRequest) -> dict[str, Any]:
-        content = req.files.get("uploadfile", b"")
-        try:
-            # a compiled package is the pipeline spec, optionally followed by a platform (Kubernetes) spec
-            spec = next(yaml.safe_load_all(content.decode("utf-8")))
-        except (UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise _ApiError(400, f"invalid pipeline spec: {exc}") from exc
-        if not isinstance(spec, dict) or "pipelineInfo" not in spec:
-            raise _ApiError(400, "invalid pipeline spec: no pipelineInfo")
+    def _version(
+        self, pipeline_id: str, name: str, req: RecordedRequest, spec: dict[str, Any]
+    ) -> dict[str, Any]:
         version: dict[str, Any] = {
             "pipeline_id": pipeline_id,
             "pipeline_version_id": self._new_id(),
@@ -316,6 +462,8 @@ class FakeKfpApi:
         if "uploadfile" not in req.files:
             raise _ApiError(400, "Failed to read pipeline from file: no uploadfile")
         name = req.param("display_name") or req.param("name") or req.filenames.get("uploadfile", "")
+        # validated before anything is stored: a refused package leaves no pipeline behind
+        spec = parse_pipeline_package(req.files["uploadfile"])
         if any(p["display_name"] == name for p in self.pipelines.values()):
             raise _ApiError(409, f"Failed to create a pipeline: pipeline with name {name} already exists")
         pipeline = {
@@ -327,7 +475,8 @@ class FakeKfpApi:
             "namespace": req.param("namespace") or "",
         }
         self.pipelines[pipeline["pipeline_id"]] = pipeline
-        self._version(pipeline["pipeline_id"], name, req)  # KFP names the first version after the pipeline
+        # KFP names the first version after the pipeline
+        self._version(pipeline["pipeline_id"], name, req, spec)
         return pipeline
 
     def _upload_version(self, req: RecordedRequest) -> dict[str, Any]:
@@ -339,11 +488,17 @@ class FakeKfpApi:
         name = req.param("display_name") or req.param("name") or ""
         if not name:
             raise _ApiError(400, "pipeline version name is empty")
+        spec = parse_pipeline_package(req.files["uploadfile"])
         if any(v["pipeline_id"] == pipeline_id and v["display_name"] == name for v in self.versions.values()):
             raise _ApiError(409, f"pipeline version {name} already exists")
-        return self._version(pipeline_id, name, req)
+        return self._version(pipeline_id, name, req, spec)
 
-    def _check_reference(self, body: dict[str, Any]) -> None:
+    def _check_reference(self, body: dict[str, Any], manifest_error: str) -> dict[str, Any]:
+        """The pipeline spec a run or recurring run refers to (a stored version's, or its inline one).
+
+        The server reads an inline spec as a manifest, and a bad one is an internal error (HTTP 500)
+        wrapped in ``manifest_error``.
+        """
         if body.get("experiment_id") and body["experiment_id"] not in self.experiments:
             raise _ApiError(404, f"Experiment {body['experiment_id']} not found")
         ref = body.get("pipeline_version_reference") or {}
@@ -351,11 +506,31 @@ class FakeKfpApi:
             version = self.versions.get(ref.get("pipeline_version_id", ""))
             if version is None or version["pipeline_id"] != ref.get("pipeline_id"):
                 raise _ApiError(404, f"PipelineVersion {ref.get('pipeline_version_id')} not found")
-        elif not body.get("pipeline_spec"):
+            spec: dict[str, Any] = version["pipeline_spec"]
+            return spec
+        inline = body.get("pipeline_spec")
+        if not inline:
             raise _ApiError(400, "a run needs a pipeline_version_reference or a pipeline_spec")
+        # kfp sends {"pipeline_spec": ..., "platform_spec": ...} when the package has a platform spec
+        if isinstance(inline, dict) and isinstance(inline.get("pipeline_spec"), dict):
+            inline = inline["pipeline_spec"]
+        try:
+            return parse_pipeline_package(json.dumps(inline).encode())  # JSON is YAML
+        except _ApiError as exc:
+            raise _ApiError(500, f"{manifest_error}: {exc.message}") from exc
 
     def _create_run(self, body: dict[str, Any]) -> dict[str, Any]:
-        self._check_reference(body)
+        if not body.get("display_name"):
+            raise _ApiError(
+                400,
+                f"{_RUN_PREFIX}: Failed to create a run due to invalid name: {_INVALID_INPUT}: {_RUN_NAME_EMPTY}",
+            )
+        spec = self._check_reference(
+            body, f"{_RUN_PREFIX}: InternalServerError: Failed to create a run due to error fetching manifest"
+        )
+        problem = pipeline_job_inputs_problem(spec, body.get("runtime_config"))
+        if problem is not None:
+            raise _ApiError(400, f"{_RUN_INPUTS_PREFIX}: {_INVALID_INPUT}: {problem}")
         run = dict(body)
         run.update(
             run_id=self._new_id(),
@@ -367,13 +542,27 @@ class FakeKfpApi:
         return run
 
     def _create_recurring_run(self, body: dict[str, Any]) -> dict[str, Any]:
-        self._check_reference(body)
+        if not body.get("display_name"):
+            raise _ApiError(400, f"{_RECURRING_RUN_PREFIX}: {_INVALID_INPUT}: {_RECURRING_RUN_NAME_EMPTY}")
+        spec = self._check_reference(
+            body,
+            f"{_RECURRING_RUN_PREFIX}: InternalServerError: "
+            "Failed to create a recurring run with an invalid pipeline spec manifest",
+        )
         trigger = body.get("trigger") or {}
-        if not trigger.get("cron_schedule") and not trigger.get("periodic_schedule"):
+        cron_schedule = trigger.get("cron_schedule")
+        if cron_schedule is None and not trigger.get("periodic_schedule"):
             raise _ApiError(400, "a recurring run needs a trigger")
+        if cron_schedule is not None:
+            cron = cron_schedule.get("cron") if isinstance(cron_schedule, dict) else None
+            if not isinstance(cron, str) or not cron.strip():
+                raise _ApiError(400, f"{_RECURRING_RUN_PREFIX}: {_INVALID_INPUT}: {_CRON_EMPTY}")
         concurrency = int(body.get("max_concurrency") or 0)
         if not 1 <= concurrency <= 10:
             raise _ApiError(400, "max concurrency of the recurring run should be in the range of [1, 10]")
+        problem = pipeline_job_inputs_problem(spec, body.get("runtime_config"))
+        if problem is not None:
+            raise _ApiError(400, f"{_RECURRING_RUN_INPUTS_PREFIX}: {_INVALID_INPUT}: {problem}")
         recurring = dict(body)
         now = self._now()
         recurring.update(
