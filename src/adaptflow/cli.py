@@ -269,9 +269,8 @@ def rollback(
     client = mlflow.MlflowClient(uri)
     experiment_id = ensure_experiment(uri, settings.tracking.experiment, settings.workdir)
     run = client.create_run(experiment_id, run_name=f"rollback {name}", tags={"adaptflow.stage": "rollback"})
-    lease = lease_for(
-        name, client.get_experiment(experiment_id).artifact_location, settings.workdir, settings.registry
-    )
+    artifacts = client.get_experiment(experiment_id).artifact_location
+    lease = lease_for(name, settings.registry, settings.workdir, uri, artifacts)
     try:
         record = do_rollback(uri, name, lease, to, run.info.run_id, reason)
     except BaseException:

@@ -156,11 +156,24 @@ class RegistryConfig(Section):
     model_name: str = Field("adaptflow-digits", min_length=1)
     lease_uri: str | None = Field(
         None,
-        description="where promotion leases live: s3://bucket/prefix (conditional puts) for shared servers; "
-        "default: beside s3:// artifacts, else a file lock under the workdir",
+        description="where promotion leases live, shared by every promoter: s3://bucket/prefix (conditional "
+        "puts) or a folder on a shared filesystem (file:///path); default: beside s3:// artifacts, else a "
+        "file lock under the workdir, which guards this machine only",
     )
     lease_ttl_seconds: float = Field(120.0, gt=0)
     lease_wait_seconds: float = Field(300.0, gt=0)
+
+    @field_validator("lease_uri")
+    @classmethod
+    def _lease_location(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.startswith("s3://"):
+            if not value[5:].split("/", 1)[0]:
+                raise ValueError("s3:// lease URI needs a bucket: s3://bucket/prefix")
+        elif not (value.startswith("file:///") or value.startswith("/")):
+            raise ValueError("must be s3://bucket/prefix, file:///shared/folder or an absolute path")
+        return value
 
 
 class TrackingConfig(Section):

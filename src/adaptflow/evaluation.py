@@ -9,6 +9,7 @@ serve-side risk of overfitting included): the seed's advice is transfer unless f
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import torch
 from adaptflow.config import EvaluateConfig
 from adaptflow.contracts import Candidate, ChampionRef, Evaluation, ManifestEntry, ModelScore, Snapshot
 from adaptflow.data.images import ImageStore, eval_transform
-from adaptflow.onnx_model import OnnxClassifier
+from adaptflow.onnx_model import OnnxClassifier, load_onnx_classifier
+from adaptflow.registry import ChampionRescore, download_onnx
 from adaptflow.training.candidates import load_candidate
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,45 @@ def score(
     )
 
 
+def score_champion(
+    champion: ChampionModel, snapshot: Snapshot, cfg: EvaluateConfig, store: ImageStore
+) -> tuple[ChampionRescore, np.ndarray | None]:
+    """The champion's score and predictions on this snapshot's test split.
+
+    A champion trained on another class set is not comparable: it gets no score, and the note says
+    why, so the gate falls back to the absolute thresholds and its reasons say so.
+    """
+    classes = snapshot.class_names
+    if set(champion.model.class_names) != set(classes):
+        return ChampionRescore(
+            None,
+            f"champion v{champion.ref.version} predicts classes {list(champion.model.class_names)}, "
+            f"this data has {list(classes)}: not comparable, so the absolute thresholds decide",
+        ), None
+    test = snapshot.split("test")
+    index = {c: i for i, c in enumerate(classes)}
+    y_true = np.array([index[e.label] for e in test], dtype=np.int64)
+    raw = predict_onnx(champion.model, test, store, cfg.batch_size)
+    remap = np.array([index[c] for c in champion.model.class_names])  # its class order onto ours
+    predictions = remap[raw] if len(raw) else raw
+    scored = score("champion", "champion", y_true, predictions, classes, cfg, champion.ref.version)
+    return ChampionRescore(scored), predictions
+
+
+def rescore_champion(
+    ref: ChampionRef,
+    snapshot: Snapshot,
+    tracking_uri: str,
+    cfg: EvaluateConfig,
+    store: ImageStore | None = None,
+) -> ChampionRescore:
+    """Fetches the registered champion version and scores it on this snapshot's test split."""
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"models:/{ref.model_name}/{ref.version}"  # the version seen under the lease, not the alias
+        model = load_onnx_classifier(download_onnx(uri, tmp, tracking_uri))
+    return score_champion(ChampionModel(ref, model), snapshot, cfg, store or ImageStore())[0]
+
+
 def mcnemar_exact(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> float:
     """Two-sided exact McNemar p-value: are A and B's error rates on the same images different?"""
     from scipy.stats import binomtest
@@ -152,29 +193,14 @@ def evaluate(
     p_value: float | None = None
     champion_ref: ChampionRef | None = None
     if champion is not None:
-        if set(champion.model.class_names) != set(classes):
-            champion_note = (
-                f"champion v{champion.ref.version} predicts classes {list(champion.model.class_names)}, "
-                f"this data has {list(classes)}: not comparable, so the absolute thresholds decide"
-            )
+        rescored, champion_predictions = score_champion(champion, snapshot, cfg, store)
+        if rescored.score is None or champion_predictions is None:
+            champion_note = rescored.note
         else:
             champion_ref = champion.ref
-            raw = predict_onnx(champion.model, test, store, cfg.batch_size)
-            # map the champion's class order onto this snapshot's
-            remap = np.array([index[c] for c in champion.model.class_names])
-            predictions["champion"] = remap[raw] if len(raw) else raw
-            scores.append(
-                score(
-                    "champion",
-                    "champion",
-                    y_true,
-                    predictions["champion"],
-                    classes,
-                    cfg,
-                    champion.ref.version,
-                )
-            )
-            p_value = mcnemar_exact(y_true, predictions[winner], predictions["champion"])
+            predictions["champion"] = champion_predictions
+            scores.append(rescored.score)
+            p_value = mcnemar_exact(y_true, predictions[winner], champion_predictions)
     for s in scores:
         log.info(
             "evaluate: %-16s accuracy %.4f [%.4f, %.4f] macro-F1 %.4f",

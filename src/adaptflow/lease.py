@@ -31,8 +31,9 @@ def holder_id() -> str:
 
 
 class Lease(ABC):
-    def __init__(self, name: str, ttl_seconds: float, wait_seconds: float) -> None:
-        self.name = name
+    def __init__(self, uri: str, ttl_seconds: float, wait_seconds: float) -> None:
+        #: the lease's URI (``s3://bucket/key`` or ``file:///path``): tagged on what it guarded
+        self.uri = uri
         self.ttl = ttl_seconds
         self.wait = wait_seconds
         self.holder = holder_id()
@@ -55,8 +56,8 @@ class Lease(ABC):
 
 class FileLease(Lease):
     def __init__(self, path: str | Path, ttl_seconds: float = 120.0, wait_seconds: float = 300.0) -> None:
-        super().__init__(str(path), ttl_seconds, wait_seconds)
-        self.path = Path(path)
+        super().__init__(Path(path).resolve().as_uri(), ttl_seconds, wait_seconds)
+        self.path = Path(path).resolve()
         self._lock: Any = None
 
     def acquire(self) -> None:
@@ -121,7 +122,7 @@ class S3Lease(Lease):
         state = json.loads(current["Body"].read() or b"{}")
         if float(state.get("expires_at", 0)) > time.time():
             return
-        log.warning("lease %s held by %s expired; taking it over", self.name, state.get("holder"))
+        log.warning("lease %s held by %s expired; taking it over", self.uri, state.get("holder"))
         # if someone else took it over first, the delete fails and we go back to waiting
         with contextlib.suppress(ClientError):
             self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=current["ETag"])
@@ -135,7 +136,7 @@ class S3Lease(Lease):
             self._take_over_if_expired()
             if time.monotonic() > deadline:
                 raise LeaseError(
-                    f"promotion lease {self.name} still held after {self.wait:.0f}s",
+                    f"promotion lease {self.uri} still held after {self.wait:.0f}s",
                     hint="another promotion is running; if its holder crashed the lease expires after its TTL",
                 )
             time.sleep(delay)
@@ -150,6 +151,6 @@ class S3Lease(Lease):
             self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self._etag)
         except ClientError as error:
             log.warning(
-                "lease %s was not ours to release any more (expired and taken over?): %s", self.name, error
+                "lease %s was not ours to release any more (expired and taken over?): %s", self.uri, error
             )
         self._etag = None

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from adaptflow.config import GateConfig, RegistryConfig
 from adaptflow.contracts import ChampionRef, Evaluation, ExportResult, GateDecision, ModelScore
@@ -58,6 +59,24 @@ def get_champion(tracking_uri: str, model_name: str, alias: str = CHAMPION) -> C
     )
 
 
+def _artifact_uri(model_uri: str, tracking_uri: str | None) -> str:
+    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` resolved through ``tracking_uri``'s registry.
+
+    MLflow resolves ``models:/`` through the process-wide registry URI whatever tracking URI it is
+    given, so a caller naming a store explicitly would otherwise read another one.
+    """
+    body = model_uri[len("models:/") :] if model_uri.startswith("models:/") else None
+    if body is None or tracking_uri is None or not ("@" in body or "/" in body):
+        return model_uri
+    client = _client(tracking_uri)
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        version = str(client.get_model_version_by_alias(name, alias).version)
+    else:
+        name, version = body.rsplit("/", 1)
+    return str(client.get_model_version_download_uri(name, version))
+
+
 def download_onnx(model_uri: str, dest: str | Path, tracking_uri: str | None = None) -> Path:
     """Downloads a registered ONNX model (any models:/ URI) and returns the .onnx file."""
     import mlflow
@@ -65,7 +84,9 @@ def download_onnx(model_uri: str, dest: str | Path, tracking_uri: str | None = N
     try:
         local = Path(
             mlflow.artifacts.download_artifacts(
-                artifact_uri=model_uri, dst_path=str(dest), tracking_uri=tracking_uri
+                artifact_uri=_artifact_uri(model_uri, tracking_uri),
+                dst_path=str(dest),
+                tracking_uri=tracking_uri,
             )
         )
     except Exception as error:
@@ -136,20 +157,55 @@ def decide_gate(
     return GateDecision(promote=ok, reasons=tuple(reasons))
 
 
+LEASE_TAG = "adaptflow.lease"
+
+
+def is_remote_tracking(tracking_uri: str) -> bool:
+    """A tracking store other processes and machines share (a server or a database), not a local file."""
+    if tracking_uri.startswith("databricks"):  # "databricks" or "databricks://profile"
+        return True
+    scheme = urlparse(tracking_uri).scheme.lower()
+    return scheme not in ("", "file", "sqlite") and len(scheme) > 1  # a one-letter scheme is a drive
+
+
 def lease_for(
-    model_name: str, artifact_location: str | None, workdir: str | Path, cfg: RegistryConfig
+    model_name: str,
+    cfg: RegistryConfig,
+    workdir: str | Path,
+    tracking_uri: str,
+    artifact_location: str | None = None,
 ) -> Lease:
-    """S3 artifacts -> a conditional-put lease beside them; otherwise an OS file lock."""
+    """The lease every promoter of ``model_name`` must share.
+
+    ``registry.lease_uri`` wins: ``s3://bucket/prefix`` (conditional puts) or a folder on a shared
+    filesystem (``file:///…`` or an absolute path). Without it, S3 artifacts get a lease beside them,
+    and anything else an OS file lock under the workdir, which guards this machine only: with a
+    remote tracking server that is said as a warning, since a pod or laptop elsewhere would not wait.
+    """
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
-    if artifact_location and artifact_location.startswith("s3://"):
+    ttl, wait = cfg.lease_ttl_seconds, cfg.lease_wait_seconds
+    location = cfg.lease_uri
+    if location is None and artifact_location and artifact_location.startswith("s3://"):
+        location = artifact_location.rstrip("/") + "/_leases"
+    if location is not None and location.startswith("s3://"):
         from adaptflow.storage import split_s3
 
-        bucket, prefix = split_s3(artifact_location)
-        key = f"{prefix.rstrip('/')}/_leases/{safe}.json".lstrip("/")
-        return S3Lease(bucket, key, cfg.lease_ttl_seconds, cfg.lease_wait_seconds)
-    return FileLease(
-        Path(workdir).resolve() / "locks" / f"{safe}.lock", cfg.lease_ttl_seconds, cfg.lease_wait_seconds
-    )
+        bucket, prefix = split_s3(location)
+        return S3Lease(bucket, f"{prefix.strip('/')}/{safe}.json".lstrip("/"), ttl, wait)
+    if location is not None:
+        folder = Path(urlparse(location).path if location.startswith("file:") else location)
+        return FileLease(folder / f"{safe}.lock", ttl, wait)
+    lease = FileLease(Path(workdir) / "locks" / f"{safe}.lock", ttl, wait)
+    if is_remote_tracking(tracking_uri):
+        log.warning(
+            "promotion of %s is guarded only on this machine (%s): promoters elsewhere sharing %s "
+            "would not wait for it; set registry.lease_uri=s3://BUCKET/PREFIX (or a shared folder) "
+            "so every promoter takes the same lease",
+            model_name,
+            lease.uri,
+            tracking_uri,
+        )
+    return lease
 
 
 @dataclass(frozen=True)
@@ -162,6 +218,7 @@ class AuditRecord:
     metrics: dict[str, float]
     run_ids: dict[str, str]
     holder: str
+    lease: str
     user: str
     time: float
 
@@ -206,7 +263,15 @@ def append_audit(tracking_uri: str, record: AuditRecord, run_id: str) -> None:
     client.set_registered_model_tag(record.model_name, AUDIT_POINTER_TAG, run_id)
 
 
-RescoreChampion = Callable[[ChampionRef], ModelScore | None]
+@dataclass(frozen=True)
+class ChampionRescore:
+    """The champion scored on this run's test split; ``score`` is None when it is not comparable."""
+
+    score: ModelScore | None
+    note: str | None = None
+
+
+RescoreChampion = Callable[[ChampionRef], ChampionRescore]
 
 
 @dataclass(frozen=True)
@@ -240,14 +305,18 @@ def promote_under_lease(
                 seen,
                 now,
             )
-            champion_score = rescore(current) if current else None
+            rescored = rescore(current) if current else ChampionRescore(None)
+            champion_score = rescored.score
             p_value = None
             note = f"champion changed during this run (v{seen} -> v{now}); compared again"
+            if rescored.note:
+                note = f"{note}: {rescored.note}"
         decision = decide_gate(inputs.winner_score, champion_score, inputs.export, p_value, inputs.gate, note)
-        if now != seen and current is not None:
+        if now != seen and champion_score is not None:  # otherwise decide_gate already said the note
             decision = GateDecision(promote=decision.promote, reasons=(note or "", *decision.reasons))
         # Nothing is lost: every version stays registered and says why it was, or was not, promoted.
         verdict = "promoted" if decision.promote else "rejected"
+        client.set_model_version_tag(inputs.model_name, inputs.version, LEASE_TAG, lease.uri)
         client.set_model_version_tag(inputs.model_name, inputs.version, "adaptflow.gate.decision", verdict)
         client.set_model_version_tag(
             inputs.model_name, inputs.version, "adaptflow.gate.reasons", "; ".join(decision.reasons)[:4900]
@@ -263,6 +332,7 @@ def promote_under_lease(
                 metrics={"accuracy": inputs.winner_score.accuracy, "macro_f1": inputs.winner_score.macro_f1},
                 run_ids=inputs.run_ids,
                 holder=lease.holder,
+                lease=lease.uri,
                 user=getpass.getuser(),
                 time=time.time(),
             )
@@ -299,7 +369,11 @@ def rollback(
         try:
             client.get_model_version(model_name, to_version)
         except Exception:
-            raise StoreError(f"{model_name} has no version {to_version}") from None
+            known = sorted(int(v.version) for v in client.search_model_versions(f"name='{model_name}'"))
+            raise StoreError(
+                f"{model_name} has no version {to_version}",
+                hint=f"its versions are {', '.join(map(str, known))}; `adaptflow history` lists its champions",
+            ) from None
         client.set_registered_model_alias(model_name, CHAMPION, to_version)
         record = AuditRecord(
             action="rollback",
@@ -310,6 +384,7 @@ def rollback(
             metrics={},
             run_ids={"rollback": run_id},
             holder=lease.holder,
+            lease=lease.uri,
             user=getpass.getuser(),
             time=time.time(),
         )

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -497,11 +496,10 @@ def register_step(
 ) -> RegisterOutputs:
     import mlflow
 
-    from adaptflow.data.images import ImageStore
-    from adaptflow.evaluation import predict_onnx, score
-    from adaptflow.onnx_model import load_onnx_classifier
+    from adaptflow.contracts import ChampionRef
+    from adaptflow.evaluation import rescore_champion
     from adaptflow.publish import publish_model
-    from adaptflow.registry import PromotionInputs, download_onnx, lease_for, promote_under_lease
+    from adaptflow.registry import ChampionRescore, PromotionInputs, lease_for, promote_under_lease
     from adaptflow.summary import build_summary
     from adaptflow.tracking import finish_pipeline_run
 
@@ -526,29 +524,13 @@ def register_step(
                 ctx,
                 run.info.run_id,
             )
-            store = ImageStore()
-
-            def rescore(ref: Any) -> Any:
-                with tempfile.TemporaryDirectory() as tmp:
-                    model = load_onnx_classifier(download_onnx(ref.uri, tmp, ctx.tracking_uri))
-                    test = snapshot.split("test")
-                    index = {c: i for i, c in enumerate(snapshot.class_names)}
-                    import numpy as np
-
-                    y = np.array([index[e.label] for e in test])
-                    remap = np.array([index[c] for c in model.class_names])
-                    return score(
-                        "champion",
-                        "champion",
-                        y,
-                        remap[predict_onnx(model, test, store, 256)],
-                        snapshot.class_names,
-                        settings.evaluate,
-                        ref.version,
-                    )
+            def rescore(ref: ChampionRef) -> ChampionRescore:
+                return rescore_champion(ref, snapshot, ctx.tracking_uri, settings.evaluate)
 
             experiment = mlflow.MlflowClient(ctx.tracking_uri).get_experiment(ctx.experiment_id)
-            lease = lease_for(name, experiment.artifact_location, settings.workdir, settings.registry)
+            lease = lease_for(
+                name, settings.registry, settings.workdir, ctx.tracking_uri, experiment.artifact_location
+            )
             decision, before, after = promote_under_lease(
                 PromotionInputs(
                     ctx.tracking_uri,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from adaptflow.errors import LeaseError, StoreError, WeightsError
 from adaptflow.lease import S3Lease
 from adaptflow.models.weights import resolve_weights
 from adaptflow.storage import S3_ENDPOINT_ENV, s3_client
+from concurrency import peak_concurrency
 
 pytestmark = pytest.mark.integration
 
@@ -142,20 +142,6 @@ def test_expired_lease_of_a_crashed_holder_is_taken_over(s3_endpoint: str) -> No
 
 def test_s3_lease_serialises_concurrent_holders(s3_endpoint: str) -> None:
     s3_client().create_bucket(Bucket="leases3")
-    inside, peak, lock = [0], [0], threading.Lock()
-
-    def work() -> None:
-        with S3Lease("leases3", "m.json", ttl_seconds=30, wait_seconds=60):
-            with lock:
-                inside[0] += 1
-                peak[0] = max(peak[0], inside[0])
-            time.sleep(0.05)
-            with lock:
-                inside[0] -= 1
-
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert peak[0] == 1
+    assert (
+        peak_concurrency(lambda: S3Lease("leases3", "m.json", ttl_seconds=30, wait_seconds=60), 8, 0.05) == 1
+    )

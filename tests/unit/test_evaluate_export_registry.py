@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from adaptflow.export import export_onnx
 from adaptflow.lease import FileLease
 from adaptflow.onnx_model import load_onnx_classifier
 from adaptflow.registry import decide_gate
+from concurrency import peak_concurrency
 from factories import export_result, model_score
 
 
@@ -123,24 +123,7 @@ def test_file_lease_is_exclusive_and_times_out(tmp_path: Path) -> None:
 
 
 def test_file_lease_serialises_threads(tmp_path: Path) -> None:
-    inside, peak = [0], [0]
-    lock = threading.Lock()
-
-    def work() -> None:
-        with FileLease(tmp_path / "l.lock", wait_seconds=30):
-            with lock:
-                inside[0] += 1
-                peak[0] = max(peak[0], inside[0])
-            threading.Event().wait(0.02)
-            with lock:
-                inside[0] -= 1
-
-    threads = [threading.Thread(target=work) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert peak[0] == 1
+    assert peak_concurrency(lambda: FileLease(tmp_path / "l.lock", wait_seconds=30), 6) == 1
 
 
 def test_registry_promotion_history_and_rollback(exported, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -197,7 +180,7 @@ def test_registry_promotion_history_and_rollback(exported, tmp_path: Path) -> No
                     {"pipeline": parent, "register": run.info.run_id},
                 ),
                 lease,
-                lambda ref: None,
+                lambda ref: pytest.fail("the champion did not move: nothing to re-score"),
             )
         return version, decision.promote
 
@@ -215,7 +198,9 @@ def test_registry_promotion_history_and_rollback(exported, tmp_path: Path) -> No
 
     append_audit(
         uri,
-        AuditRecord("promote", settings.registry.model_name, v2, v1, "manual", {}, {}, "t", "t", 1.0),
+        AuditRecord(
+            "promote", settings.registry.model_name, v2, v1, "manual", {}, {}, "t", lease.uri, "t", 1.0
+        ),
         parent,
     )
     record = rollback(uri, settings.registry.model_name, lease, None, parent, "bad model")
@@ -242,4 +227,4 @@ def test_unreachable_tracking_server_is_a_clear_error() -> None:
 
 
 def test_registry_config_defaults() -> None:
-    assert RegistryConfig().model_name
+    assert RegistryConfig().model_name == "adaptflow-digits"  # README: models:/adaptflow-digits@champion

@@ -1,0 +1,122 @@
+"""Promotion and rollback at the edges: a champion of other classes, and rollbacks with nowhere to go."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lookup_models import register_lookup_version, rescorer, write_test_split
+from mlflow.tracking import MlflowClient
+from promoter_proc import EXPORT, GATE
+
+from adaptflow.contracts import Evaluation
+from adaptflow.lease import FileLease
+from adaptflow.registry import CHAMPION, PromotionInputs, get_champion, promote_under_lease
+from adaptflow.tracking import embedded_tracking_uri, ensure_experiment
+from factories import model_score
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_moved_champion_of_other_classes_is_not_comparable(tmp_path: Path) -> None:
+    """The champion moves during the run to a model of other classes: the absolute gate decides, and says so."""
+    uri = embedded_tracking_uri(tmp_path)
+    snapshot = write_test_split(tmp_path / "test-split")
+    client = MlflowClient(uri)
+    experiment = ensure_experiment(uri, "edges", tmp_path)
+    client.create_registered_model("m")
+    v0, _ = register_lookup_version(client, "m", experiment, 0.5)
+    client.set_registered_model_alias("m", CHAMPION, v0)
+    seen = get_champion(uri, "m")
+    assert seen is not None
+    seen_score = rescorer(uri, snapshot)(seen).score
+    assert seen_score is not None
+    other, _ = register_lookup_version(client, "m", experiment, 0.9, classes=("cat", "dog"))
+    client.set_registered_model_alias("m", CHAMPION, other)  # moved while this run was evaluating
+    version, run = register_lookup_version(client, "m", experiment, 0.8)
+    evaluation = Evaluation(
+        scores=(model_score("candidate", 0.8, n=100), seen_score),
+        winner="candidate",
+        winner_reason="r",
+        champion=seen,
+        test_size=100,
+        fingerprint=snapshot.fingerprint,
+    )
+    inputs = PromotionInputs(
+        uri, "m", version, evaluation.scores[0], evaluation, EXPORT, GATE, {"pipeline": run, "register": run}
+    )
+    decision, before, after = promote_under_lease(
+        inputs, FileLease(tmp_path / "m.lock"), rescorer(uri, snapshot)
+    )
+    assert decision.promote and (before, after) == (other, version)
+    assert any(
+        f"champion v{other} predicts classes ['cat', 'dog'], this data has ['even', 'odd']: not comparable, "
+        "so the absolute thresholds decide" in r
+        for r in decision.reasons
+    ), decision.reasons
+    assert not any("beats champion" in r for r in decision.reasons)
+
+
+def _rollback(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "ADAPTFLOW_"))}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "adaptflow.cli",
+            "rollback",
+            "--model",
+            "m",
+            "--set",
+            f"workdir={workdir}",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def registry_without_history(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MlflowClient]:
+    """Model "m" with one version, not yet champion."""
+    workdir = tmp_path_factory.mktemp("rollback")
+    uri = embedded_tracking_uri(workdir)
+    client = MlflowClient(uri)
+    experiment = ensure_experiment(uri, "adaptflow", workdir)
+    client.create_registered_model("m")
+    register_lookup_version(client, "m", experiment, 0.7)
+    return workdir, client
+
+
+def _assert_clean_error(result: subprocess.CompletedProcess[str], message: str, hint: str) -> None:
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {message}"], result.stderr
+    assert f"hint: {hint}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_rollback_without_a_champion(registry_without_history) -> None:  # type: ignore[no-untyped-def]
+    workdir, client = registry_without_history
+    _assert_clean_error(_rollback(workdir), "m has no champion to roll back", "nothing was ever promoted")
+    assert get_champion(client.tracking_uri, "m") is None
+
+
+def test_rollback_with_no_earlier_champion_and_to_an_unknown_version(registry_without_history) -> None:  # type: ignore[no-untyped-def]
+    workdir, client = registry_without_history
+    client.set_registered_model_alias("m", CHAMPION, "1")
+    _assert_clean_error(
+        _rollback(workdir),
+        "the audit trail of m has no champion before v1",
+        "pass --to VERSION to choose one explicitly",
+    )
+    unknown = _rollback(workdir, "--to", "42")
+    _assert_clean_error(
+        unknown, "m has no version 42", "its versions are 1; `adaptflow history` lists its champions"
+    )
+    assert get_champion(client.tracking_uri, "m").version == "1"  # type: ignore[union-attr]
