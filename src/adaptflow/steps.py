@@ -524,6 +524,7 @@ def register_step(
                 ctx,
                 run.info.run_id,
             )
+
             def rescore(ref: ChampionRef) -> ChampionRescore:
                 return rescore_champion(ref, snapshot, ctx.tracking_uri, settings.evaluate)
 
