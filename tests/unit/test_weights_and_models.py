@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import http.server
-import pickle
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -14,7 +14,7 @@ from adaptflow.config import BackboneSpec
 from adaptflow.errors import ConfigError, WeightsError
 from adaptflow.models import build_model, list_backbones
 from adaptflow.models.factory import Classifier, build_torchvision, count_parameters
-from adaptflow.models.weights import resolve_weights, save_weights_file
+from adaptflow.models.weights import read_weights_file, resolve_weights, save_weights_file
 
 
 @pytest.fixture()
@@ -116,16 +116,59 @@ def test_torchvision_mirror_file_pth_state_dict(tmp_path: Path) -> None:
     assert resolved.state_dict is not None and set(resolved.state_dict) == set(state)
 
 
-def test_pickled_objects_are_refused(tmp_path: Path) -> None:
-    class Evil:
-        def __reduce__(self):  # type: ignore[no-untyped-def]
-            return (print, ("pwned",))
+class _TouchOnUnpickle:
+    """Unpickling this runs ``Path.touch(sentinel)``: proof that a loader executed pickled code."""
 
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return (Path.touch, (self.sentinel,))
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip-archive", "legacy-archive"])
+def test_pickled_objects_are_refused_and_never_run(tmp_path: Path, zipped: bool) -> None:
+    sentinel = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    with open(path, "wb") as handle:
-        pickle.dump({"state_dict": Evil()}, handle)
-    with pytest.raises(WeightsError, match="safely"):
+    state = {"state_dict": {"conv1.weight": torch.zeros(1), "fc.bias": _TouchOnUnpickle(sentinel)}}
+    torch.save(state, path, _use_new_zipfile_serialization=zipped)
+    assert not sentinel.exists()
+    refused: WeightsError | None = None
+    try:
         resolve_weights(BackboneSpec(name="resnet18", weights_uri=str(path)), tmp_path / "c")
+    except WeightsError as error:
+        refused = error
+    # checked first: an unsafe loader runs the payload whether or not it raises afterwards
+    assert not sentinel.exists(), "loading the weights file executed code from its pickle"
+    assert refused is not None, "a file holding arbitrary pickled objects was accepted as weights"
+    assert re.search(r"cannot load \S*evil\.pth safely", refused.message), refused.message
+    assert "pickled objects are refused" in (refused.hint or "")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("damage", ["empty", "text", "truncated"])
+def test_corrupt_weights_files_are_a_weights_error(tmp_path: Path, suffix: str, damage: str) -> None:
+    """The narrowed except clause still turns damaged files (empty, not weights, cut short) into a WeightsError."""
+    good = tmp_path / f"good{suffix}"
+    save_weights_file({"w": torch.ones(64)}, good, {})
+    whole = good.read_bytes()
+    data = {"empty": b"", "text": b"this is text, not weights", "truncated": whole[: len(whole) // 2]}[damage]
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(data)
+    with pytest.raises(WeightsError, match=rf"cannot load bad{re.escape(suffix)} safely"):
+        read_weights_file(path)
+
+
+def test_a_bug_while_loading_is_not_disguised_as_a_refused_file(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "good.pth"
+    save_weights_file({"w": torch.ones(4)}, path, {})
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise TypeError("a bug, not a bad file")
+
+    monkeypatch.setattr(torch, "load", broken)
+    with pytest.raises(TypeError, match="a bug, not a bad file"):
+        read_weights_file(path)
 
 
 def test_torchvision_enum_is_resolved_for_preprocessing_and_mirror_hash(http_root, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

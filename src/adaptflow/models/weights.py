@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
+import struct
 import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from adaptflow.config import BackboneSpec
 from adaptflow.contracts import Preprocessing
@@ -90,19 +93,37 @@ def _enum_preprocessing(weights: Any) -> Preprocessing:
     )
 
 
+# What loading a refused or corrupt file raises (measured on torch 2.14.1, safetensors 0.8):
+# the weights-only unpickler refuses anything but tensors and containers with UnpicklingError;
+# a damaged zip archive is a RuntimeError from PytorchStreamReader; a truncated file is an
+# EOFError; damaged legacy (non-zip) files surface as ValueError (UnicodeDecodeError, bad
+# endianness), LookupError (IndexError, KeyError) or struct.error; safetensors raises
+# SafetensorError, and a damaged adaptflow header a JSONDecodeError (a ValueError).
+# Anything else (OSError, TypeError, MemoryError, ...) is not about the file's content and propagates.
+_UNLOADABLE: tuple[type[Exception], ...] = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    ValueError,
+    LookupError,
+    struct.error,
+    SafetensorError,
+)
+
+
 def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """State dict + adaptflow metadata from a .safetensors or a torch (.pth/.pt) weights file."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-        meta = json.loads(header[META_KEY]) if META_KEY in header else {}
-        return load_file(str(path)), meta
     try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+            meta = json.loads(header[META_KEY]) if META_KEY in header else {}
+            return load_file(str(path)), meta
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
+    except _UNLOADABLE as error:
         raise WeightsError(
             f"cannot load {path.name} safely: {error}",
             hint="weights must be a plain state dict (.pth) or safetensors; pickled objects are refused",
