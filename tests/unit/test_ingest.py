@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -9,13 +10,25 @@ from PIL import Image
 
 from adaptflow.config import IngestConfig
 from adaptflow.data.demo import write_demo_data
-from adaptflow.data.ingest import assign_split, fingerprint, ingest
+from adaptflow.data.ingest import assign_split, ingest
 from adaptflow.errors import DataError
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_demo_data(tmp_path_factory.mktemp("digits"), limit_per_class=30).target
+
+
+def _expected_fingerprint(root: Path) -> str:
+    """The documented definition, computed from the files on disk: sha256 over the sorted
+    (sha256 of the file's bytes, class folder name) pairs, each written as ``"<sha>\\t<label>\\n"``."""
+    pairs = sorted(
+        (hashlib.sha256(f.read_bytes()).hexdigest(), f.parent.name)
+        for f in root.glob("*/*.png")
+        if f.is_file()
+    )
+    assert pairs, f"no images under {root}"
+    return hashlib.sha256("".join(f"{sha}\t{label}\n" for sha, label in pairs).encode()).hexdigest()
 
 
 def _copy(tree: Path, tmp_path: Path) -> Path:
@@ -58,10 +71,41 @@ def test_snapshot_counts_classes_and_fingerprint(digits: Path) -> None:
     assert snap.class_names == ("5", "6", "7", "8", "9")
     assert sum(snap.counts.values()) == 150
     assert all(snap.counts[s] > 0 for s in ("train", "val", "test"))
-    assert snap.fingerprint == fingerprint((e.sha256, e.label) for e in snap.entries)
+    assert snap.fingerprint == _expected_fingerprint(digits)
     assert snap.quarantined == ()
     again = ingest(str(digits), IngestConfig())
     assert again.fingerprint == snap.fingerprint
+
+
+def test_fingerprint_follows_content_and_labels_not_names_or_order(digits: Path, tmp_path: Path) -> None:
+    data = _copy(digits, tmp_path)
+    base = ingest(str(data), IngestConfig()).fingerprint
+    assert base == _expected_fingerprint(data)
+
+    # renaming files (which also changes the order they are listed in) changes nothing
+    for i, f in enumerate(sorted((data / "6").glob("*.png"))):
+        f.rename(f.with_name(f"zz-{1000 - i}-{f.name}"))
+    assert ingest(str(data), IngestConfig()).fingerprint == base
+
+    # relabelling one image (same bytes, another class) is a different dataset
+    moved = sorted((data / "5").glob("*.png"))[0]
+    moved.rename(data / "9" / moved.name)
+    relabelled = ingest(str(data), IngestConfig()).fingerprint
+    assert relabelled != base
+    assert relabelled == _expected_fingerprint(data)
+    (data / "9" / moved.name).rename(moved)
+    assert ingest(str(data), IngestConfig()).fingerprint == base
+
+    # changing one pixel of one image is a different dataset
+    target = sorted((data / "7").glob("*.png"))[0]
+    image = Image.open(target).convert("RGB")
+    pixel = image.getpixel((0, 0))
+    assert isinstance(pixel, tuple)
+    image.putpixel((0, 0), tuple(255 - int(c) for c in pixel))
+    image.save(target)
+    edited = ingest(str(data), IngestConfig()).fingerprint
+    assert edited != base
+    assert edited == _expected_fingerprint(data)
 
 
 def test_split_is_by_content_and_stable_when_the_dataset_grows(digits: Path, tmp_path: Path) -> None:
@@ -73,7 +117,8 @@ def test_split_is_by_content_and_stable_when_the_dataset_grows(digits: Path, tmp
     grown = ingest(str(data), IngestConfig())
     assert len(grown.entries) == len(before) + 10
     assert all(before[e.sha256] == e.split for e in grown.entries if e.sha256 in before)
-    assert grown.fingerprint != fingerprint((sha, "x") for sha in before)
+    assert grown.fingerprint == _expected_fingerprint(data)
+    assert grown.fingerprint != _expected_fingerprint(digits)  # the ten new images count
 
 
 def test_assign_split_is_deterministic_and_respects_fractions() -> None:

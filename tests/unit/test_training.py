@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from adaptflow.config import AdvisorConfig, FinetuneConfig, load_settings
 from adaptflow.contracts import BaselineResult, Candidate
@@ -11,6 +14,7 @@ from adaptflow.data.ingest import ingest
 from adaptflow.training.advisor import advise
 from adaptflow.training.baseline import run_baseline
 from adaptflow.training.finetune import FinetuneInputs, run_finetune
+from scoring import saved_candidate_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +39,54 @@ def test_feature_cache_key_includes_preprocessing(baseline_run) -> None:  # type
 
     changed = replace(inputs, weights=replace(inputs.weights, preprocessing=bigger))
     assert run_baseline(changed, work / "b40").candidate.cost.backbone_forward_images > 0
+
+
+def _cached_images(root: Path) -> dict[str, set[str]]:
+    """Feature-cache namespace folder -> the image hashes cached in it."""
+    return {ns.name: {f.stem for f in ns.rglob("*.npy")} for ns in root.iterdir() if ns.is_dir()}
+
+
+def test_feature_cache_key_includes_the_weights_hash(baseline_run, tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Same images, same preprocessing, other weights: every feature is recomputed into its own entries."""
+    from dataclasses import replace
+
+    from adaptflow.config import BackboneSpec
+    from adaptflow.models.weights import read_weights_file, resolve_weights, save_weights_file
+
+    _settings, snapshot, inputs, _result, _work = baseline_run
+    images = {e.sha256 for e in snapshot.split("train") + snapshot.split("val")}
+    cache = tmp_path / "features"
+    shutil.copytree(inputs.feature_cache_dir, cache)  # holds the shared baseline's features (weights A)
+    before = _cached_images(cache)
+    assert images in before.values()
+
+    # weights B: the same architecture and preprocessing, every convolution negated
+    state, meta = read_weights_file(tiny_assets.weights)
+    other = {k: -v if v.dim() == 4 else v for k, v in state.items()}
+    path = tmp_path / "resnet18-other.safetensors"
+    sha = save_weights_file(other, path, meta)
+    assert sha != inputs.weights.sha256
+    spec = BackboneSpec(name=inputs.spec.name, weights_uri=path.as_uri(), sha256=sha)
+    weights = resolve_weights(spec, tmp_path / "weights")
+    assert weights.preprocessing == inputs.weights.preprocessing
+    changed = replace(inputs, spec=spec, weights=weights, feature_cache_dir=cache)
+
+    first = run_baseline(changed, tmp_path / "b-other").candidate
+    assert first.backbone_sha256 == sha
+    assert first.cost.backbone_forward_images == len(images)  # nothing served from weights A's entries
+    after = _cached_images(cache)
+    assert {k: after[k] for k in before} == before  # A's entries untouched
+    (added,) = set(after) - set(before)
+    assert after[added] == images
+    some = sorted(images)[0]
+    a_dir = next(ns for ns, cached in before.items() if cached == images)
+    a_vec, b_vec = (np.load(cache / ns / some[:2] / f"{some}.npy") for ns in (a_dir, added))
+    assert not np.allclose(a_vec, b_vec)  # B's features really are different ones
+
+    again = run_baseline(changed, tmp_path / "b-other-again").candidate
+    assert again.cost.backbone_forward_images == 0  # the same weights again: every feature from the cache
+    assert again.metrics["val_accuracy"] == pytest.approx(first.metrics["val_accuracy"])
+    assert _cached_images(cache) == after
 
 
 def test_baseline_candidate_and_decision(baseline_run) -> None:  # type: ignore[no-untyped-def]
@@ -81,6 +133,43 @@ def test_finetune_starts_from_baseline_head_and_keeps_best_epoch(baseline_run, s
         assert head < candidate.cost.trainable_params < candidate.cost.total_params
     else:
         assert candidate.cost.trainable_params == candidate.cost.total_params
+
+
+def test_finetune_saves_the_best_epoch_not_the_last(baseline_run, monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Epoch 1 trains normally; then the learning rate jumps 1000x and wrecks the weights.
+
+    The candidate on disk must be epoch 1's model: the same weights as a run that stopped after
+    epoch 1, and scoring exactly epoch 1's validation accuracy, not the last epoch's.
+    """
+    settings, snapshot, _inputs, result, work = baseline_run
+    lambda_lr = torch.optim.lr_scheduler.LambdaLR
+
+    def wrecking(optimizer, T_max, **_):  # type: ignore[no-untyped-def]
+        return lambda_lr(optimizer, lambda epoch: 1.0 if epoch == 0 else 1000.0)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler, "CosineAnnealingLR", wrecking)
+    cfg = settings.finetune.model_copy(
+        update={"strategy": "partial", "epochs": 3, "patience": 3, "augment": False}
+    )
+    start = work / "baseline" / "candidate"
+    candidate = run_finetune(FinetuneInputs(snapshot, result, start, cfg), tmp_path / "ft")
+    history = candidate.history
+    assert [h.epoch for h in history] == [1, 2, 3]
+    best, last = history[0], history[-1]
+    # the setup did force an early best: the wrecked epochs are far worse
+    assert max(h.val_accuracy for h in history[1:]) < best.val_accuracy - 0.25
+    assert candidate.extra["best_epoch"] == "1"
+    assert candidate.metrics["val_accuracy"] == pytest.approx(best.val_accuracy)
+
+    saved = saved_candidate_accuracy(tmp_path / "ft", snapshot.split("val"))
+    assert saved == pytest.approx(best.val_accuracy)
+    assert saved != pytest.approx(last.val_accuracy)
+
+    one = cfg.model_copy(update={"epochs": 1})
+    run_finetune(FinetuneInputs(snapshot, result, start, one), tmp_path / "ft-1")
+    kept, epoch1 = (load_file(str(tmp_path / d / Candidate.WEIGHTS)) for d in ("ft", "ft-1"))
+    assert kept.keys() == epoch1.keys()
+    assert all(torch.equal(kept[k], epoch1[k]) for k in kept), "saved weights are not epoch 1's"
 
 
 def _signals(acc: float, per_class: int = 100, estimate: float = 10.0) -> dict:
