@@ -21,7 +21,7 @@ def compare_strategy(
     outcome: Output[Model],
 ) -> float:
     """Train one strategy from the baseline head and score it on the shared test split."""
-    from adaptflow.compare import compare_strategy_step
+    from adaptflow.steps import compare_strategy_step
 
     return compare_strategy_step(
         snapshot.path, baseline.path, strategy, config_json, parent_run_id, outcome.path
@@ -38,7 +38,7 @@ def compare_report(
     report: Output[Artifact],
 ) -> str:
     """Gather every strategy's outcome into the comparison table and the HTML/Markdown report."""
-    from adaptflow.compare import compare_report_step
+    from adaptflow.steps import compare_report_step
 
     return compare_report_step(
         snapshot.path,

@@ -9,15 +9,15 @@ Locally, ``adaptflow compare`` runs the same steps in sequence (``adaptflow.comp
 from pathlib import Path
 from typing import Any
 
-from adaptflow.components import stage_components
+from adaptflow.components import pipeline_components
 from adaptflow.components.compare import compare_components
-from adaptflow.pipelines.pipeline import DEFAULT_IMAGE, apply_cluster_settings
+from adaptflow.pipelines.pipeline import DEFAULT_IMAGE, add_ingest_and_baseline, apply_cluster_settings
 from kfp import compiler, dsl
 
-from adaptflow.config import Settings
+from adaptflow.config import FINETUNE_STRATEGIES, Settings
 
 COMPARE_PIPELINE_NAME = "adaptflow-compare"
-DEFAULT_STRATEGIES = ["linear_probe", "partial", "full", "lora", "gradual"]
+DEFAULT_STRATEGIES = list(FINETUNE_STRATEGIES)
 
 
 def build_compare_pipeline(
@@ -25,9 +25,12 @@ def build_compare_pipeline(
 ) -> Any:
     cluster = settings.cluster
     img = image or cluster.image or DEFAULT_IMAGE
-    c = stage_components(img)
+    c = pipeline_components(img)
     cc = compare_components(img)
     default_config = settings.to_json()
+
+    def setup(task: Any, stage: str, display: str) -> Any:
+        return apply_cluster_settings(task, stage, cluster).set_display_name(display)
 
     @dsl.pipeline(
         name=name,
@@ -41,45 +44,22 @@ def build_compare_pipeline(
         config_json: str = default_config,
         parent_run_id: str = "",
     ) -> dsl.Artifact:
-        ingest = c.ingest(
-            data_uri=data_uri,
-            config_json=config_json,
-            parent_run_id=parent_run_id,
-            force=True,
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            pipeline_name=name,
-            pipeline_version="",
+        ingest, add_baseline = add_ingest_and_baseline(
+            c, setup, data_uri, config_json, parent_run_id, True, name, ""
         )
-        apply_cluster_settings(ingest, "ingest", cluster).set_display_name("ingest")
-        run_id = ingest.outputs["parent_run_id"]
-        fp = ingest.outputs["fingerprint"]
-        baseline = c.baseline(
-            snapshot=ingest.outputs["snapshot"],
-            config_json=config_json,
-            parent_run_id=run_id,
-            fingerprint=fp,
-            config_hash=ingest.outputs["config_hash"],
-        )
-        apply_cluster_settings(baseline, "baseline", cluster).set_display_name("baseline (transfer learning)")
+        baseline = add_baseline()
+        shared = {
+            "snapshot": ingest.outputs["snapshot"],
+            "baseline": baseline.outputs["result"],
+            "config_json": config_json,
+            "parent_run_id": ingest.outputs["parent_run_id"],
+        }
         with dsl.ParallelFor(items=strategies, name="strategies") as strategy:
-            task = cc.compare_strategy(
-                snapshot=ingest.outputs["snapshot"],
-                baseline=baseline.outputs["result"],
-                strategy=strategy,
-                config_json=config_json,
-                parent_run_id=run_id,
-                fingerprint=fp,
-            )
-            apply_cluster_settings(task, "finetune", cluster).set_display_name("strategy")
-        report = cc.compare_report(
-            snapshot=ingest.outputs["snapshot"],
-            baseline=baseline.outputs["result"],
-            outcomes=dsl.Collected(task.outputs["outcome"]),
-            data_uri=data_uri,
-            config_json=config_json,
-            parent_run_id=run_id,
-        )
-        apply_cluster_settings(report, "evaluate", cluster).set_display_name("compare report")
+            task = cc.compare_strategy(strategy=strategy, fingerprint=ingest.outputs["fingerprint"], **shared)
+            setup(task, "finetune", "strategy")
+        outcomes = dsl.Collected(task.outputs["outcome"])
+        report = cc.compare_report(outcomes=outcomes, data_uri=data_uri, **shared)
+        setup(report, "evaluate", "compare report")
         return report.outputs["report"]
 
     return compare_pipeline

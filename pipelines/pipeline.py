@@ -14,7 +14,7 @@ per-task ``cache_key``.
 from pathlib import Path
 from typing import Any
 
-from adaptflow.components import stage_components
+from adaptflow.components import pipeline_components
 from kfp import compiler, dsl, kubernetes
 
 from adaptflow import __version__
@@ -76,12 +76,51 @@ def apply_cluster_settings(task: Any, stage: str, cluster: ClusterConfig) -> Any
     return task
 
 
+def add_ingest_and_baseline(
+    c: Any,
+    setup: Any,
+    data_uri: Any,
+    config_json: Any,
+    parent_run_id: Any,
+    force: Any,
+    name: str,
+    version: Any,
+) -> tuple[Any, Any]:
+    """The head every DAG shares: ingest (which opens the MLflow run), then the transfer-learning baseline.
+
+    Returns the ingest task and a function that adds the baseline task: the baseline is created
+    where that function is called, so inside a ``dsl.If`` it runs only on that branch.
+    ``setup(task, stage, display)`` applies the cluster settings to each.
+    """
+    ingest = c.ingest(
+        data_uri=data_uri,
+        config_json=config_json,
+        parent_run_id=parent_run_id,
+        force=force,
+        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        pipeline_name=name,
+        pipeline_version=version,
+    )
+    setup(ingest, "ingest", "ingest")
+    return ingest, lambda: setup(
+        c.baseline(
+            snapshot=ingest.outputs["snapshot"],
+            config_json=config_json,
+            parent_run_id=ingest.outputs["parent_run_id"],
+            fingerprint=ingest.outputs["fingerprint"],
+            config_hash=ingest.outputs["config_hash"],
+        ),
+        "baseline",
+        "baseline (transfer learning)",
+    )
+
+
 def build_pipeline(
     settings: Settings, image: str | None = None, name: str = PIPELINE_NAME, fingerprint: str | None = None
 ) -> Any:
     """The DAG. ``fingerprint``, when known at compile time, is pinned into each cacheable task's cache key."""
     cluster = settings.cluster
-    c = stage_components(image or cluster.image or DEFAULT_IMAGE)
+    c = pipeline_components(image or cluster.image or DEFAULT_IMAGE)
     default_config = settings.to_json()
     config_hash = settings.config_hash()
 
@@ -106,79 +145,35 @@ def build_pipeline(
         force: bool = False,
         pipeline_version: str = "",
     ) -> dsl.Artifact:
-        ingest = c.ingest(
-            data_uri=data_uri,
-            config_json=config_json,
-            parent_run_id=parent_run_id,
-            force=force,
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            pipeline_name=name,
-            pipeline_version=pipeline_version,
+        ingest, add_baseline = add_ingest_and_baseline(
+            c, setup, data_uri, config_json, parent_run_id, force, name, pipeline_version
         )
-        setup(ingest, "ingest", "ingest")
-        run_id = ingest.outputs["parent_run_id"]
-        fp = ingest.outputs["fingerprint"]
-        ch = ingest.outputs["config_hash"]
+        fp, ch = ingest.outputs["fingerprint"], ingest.outputs["config_hash"]
         snapshot = ingest.outputs["snapshot"]
+        run = {"config_json": config_json, "parent_run_id": ingest.outputs["parent_run_id"]}
+        cached = {"fingerprint": fp, "config_hash": ch}  # cache keys change with data or config
         with dsl.If(ingest.outputs["changed"] == True, name="data-or-config-changed"):  # noqa: E712
-            baseline = c.baseline(
-                snapshot=snapshot,
-                config_json=config_json,
-                parent_run_id=run_id,
-                fingerprint=fp,
-                config_hash=ch,
-            )
-            setup(baseline, "baseline", "baseline (transfer learning)")
+            baseline = add_baseline()
+            candidates = {"baseline": baseline.outputs["result"]}
             with dsl.If(baseline.outputs["should_finetune"] == True, name="finetune-pays"):  # noqa: E712
-                tuned = c.finetune(
-                    snapshot=snapshot,
-                    baseline=baseline.outputs["result"],
-                    config_json=config_json,
-                    parent_run_id=run_id,
-                    fingerprint=fp,
-                    config_hash=ch,
-                )
+                tuned = c.finetune(snapshot=snapshot, **candidates, **run, **cached)
                 setup(tuned, "finetune", "finetune")
             with dsl.Else(name="keep-baseline"):
-                kept = c.keep_baseline(baseline=baseline.outputs["result"], fingerprint=fp, config_hash=ch)
+                kept = c.keep_baseline(**candidates, **cached)
                 setup(kept, "keep_baseline", "keep baseline")
-            selected = dsl.OneOf(tuned.outputs["candidate"], kept.outputs["candidate"])
-            evaluate = c.evaluate(
-                snapshot=snapshot,
-                baseline=baseline.outputs["result"],
-                selected=selected,
-                config_json=config_json,
-                parent_run_id=run_id,
-                fingerprint=fp,
-            )
+            candidates["selected"] = dsl.OneOf(tuned.outputs["candidate"], kept.outputs["candidate"])
+            evaluate = c.evaluate(snapshot=snapshot, **candidates, **run, fingerprint=fp)
             setup(evaluate, "evaluate", "evaluate vs champion")
-            export = c.export(
-                evaluation=evaluate.outputs["evaluation"],
-                baseline=baseline.outputs["result"],
-                selected=selected,
-                config_json=config_json,
-                parent_run_id=run_id,
-                fingerprint=fp,
-                config_hash=ch,
-            )
+            evaluation = evaluate.outputs["evaluation"]
+            export = c.export(evaluation=evaluation, **candidates, **run, **cached)
             setup(export, "export", "onnx export")
+            onnx_model = export.outputs["onnx_model"]
             register = c.register(
-                snapshot=snapshot,
-                baseline=baseline.outputs["result"],
-                selected=selected,
-                evaluation=evaluate.outputs["evaluation"],
-                onnx_model=export.outputs["onnx_model"],
-                config_json=config_json,
-                parent_run_id=run_id,
+                snapshot=snapshot, **candidates, evaluation=evaluation, onnx_model=onnx_model, **run
             )
             setup(register, "register", "register + gate")
         with dsl.Else(name="unchanged"):
-            skipped = c.report_unchanged(
-                snapshot=snapshot,
-                config_json=config_json,
-                parent_run_id=run_id,
-                reason=ingest.outputs["reason"],
-            )
+            skipped = c.report_unchanged(snapshot=snapshot, **run, reason=ingest.outputs["reason"])
             setup(skipped, "register", "unchanged: skip training")
         return dsl.OneOf(register.outputs["registration"], skipped.outputs["registration"])
 

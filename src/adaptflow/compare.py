@@ -27,95 +27,44 @@ fan out with ``dsl.ParallelFor`` (``pipelines/compare.py``), each task calling
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any
 
 import numpy as np
 
-from adaptflow.config import Settings
+from adaptflow.config import COMPARE_STRATEGIES, Settings
 from adaptflow.contracts import (
     BaselineResult,
     Candidate,
-    Contract,
-    EpochRecord,
-    FinetuneDecision,
+    CompareResult,
     ModelScore,
     Snapshot,
+    StrategyOutcome,
 )
 from adaptflow.data.images import ImageStore
 from adaptflow.errors import ConfigError
+from adaptflow.stage_logs import log_compare_file, log_compare_result, log_outcome
+from adaptflow.tracking import TrackingContext, run_lifecycle
 
 log = logging.getLogger(__name__)
 
-STRATEGIES: tuple[str, ...] = ("linear_probe", "partial", "full", "lora", "gradual", "scratch")
 BASELINE = "baseline"
-OUTCOME_FILE = "outcome.json"
-
-
-class StrategyOutcome(Contract):
-    """One row of the comparison: a trained model, its test score and what it cost."""
-
-    FILE: ClassVar[str] = OUTCOME_FILE
-
-    strategy: str
-    candidate: str
-    score: ModelScore
-    trainable_params: int
-    total_params: int
-    wall_seconds: float
-    images_per_second: float | None
-    peak_memory_mb: float | None
-    train_accuracy: float
-    val_accuracy: float
-    train_val_gap: float
-    best_epoch: int
-    epochs_run: int
-    history: tuple[EpochRecord, ...] = ()
-    p_value_vs_baseline: float | None = None
-    run_id: str | None = None
-
-
-class CompareResult(Contract):
-    FILE: ClassVar[str] = "compare.json"
-
-    data_uri: str
-    fingerprint: str
-    class_names: tuple[str, ...]
-    counts: dict[str, int]
-    min_train_images_per_class: int
-    test_size: int
-    decision: FinetuneDecision
-    outcomes: tuple[StrategyOutcome, ...]
-    best: str
-    best_reason: str
-    finetune_margin: float
-    epochs: int
-    device: str
-    tracking_uri: str | None = None
-    run_id: str | None = None
-    report_html: str | None = None
-    report_markdown: str | None = None
-
-    def outcome(self, strategy: str) -> StrategyOutcome:
-        for o in self.outcomes:
-            if o.strategy == strategy:
-                return o
-        raise KeyError(strategy)
 
 
 def parse_strategies(text: str | Sequence[str]) -> list[str]:
     """``"partial,full"`` or a list -> validated, de-duplicated names in the given order."""
     items = [s.strip() for s in text.split(",")] if isinstance(text, str) else [s.strip() for s in text]
     names = [s for s in dict.fromkeys(items) if s and s != BASELINE]
-    unknown = [s for s in names if s not in STRATEGIES]
+    unknown = [s for s in names if s not in COMPARE_STRATEGIES]
     if unknown:
         raise ConfigError(
             f"unknown strategy {unknown[0]!r}",
-            hint=f"valid strategies: {', '.join(STRATEGIES)} (the baseline always runs)",
+            hint=f"valid strategies: {', '.join(COMPARE_STRATEGIES)} (the baseline always runs)",
         )
     return names
 
@@ -246,42 +195,6 @@ def outcome_of(
     )
 
 
-def _log_outcome(outcome: StrategyOutcome, prefix: str = "") -> None:
-    import mlflow
-
-    s = outcome.score
-    metrics = {
-        "test_accuracy": s.accuracy,
-        "test_accuracy_ci_low": s.accuracy_ci95[0],
-        "test_accuracy_ci_high": s.accuracy_ci95[1],
-        "test_macro_f1": s.macro_f1,
-        "trainable_params": float(outcome.trainable_params),
-        "total_params": float(outcome.total_params),
-        "wall_seconds": outcome.wall_seconds,
-        "train_val_gap": outcome.train_val_gap,
-        "val_accuracy": outcome.val_accuracy,
-        "train_accuracy": outcome.train_accuracy,
-        "epochs_run": float(outcome.epochs_run),
-    }
-    if outcome.images_per_second:
-        metrics["images_per_second"] = outcome.images_per_second
-    if outcome.peak_memory_mb:
-        metrics["peak_memory_mb"] = outcome.peak_memory_mb
-    if outcome.p_value_vs_baseline is not None:
-        metrics["mcnemar_p_vs_baseline"] = outcome.p_value_vs_baseline
-    mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items()})
-    if not prefix:
-        for h in outcome.history:
-            mlflow.log_metrics(
-                {"epoch_train_accuracy": h.train_accuracy, "epoch_val_accuracy": h.val_accuracy},
-                step=h.epoch,
-            )
-
-
-def _baseline_outcome(result: BaselineResult, model_score: ModelScore) -> StrategyOutcome:
-    return outcome_of(BASELINE, result.candidate, model_score)
-
-
 def assemble(
     data_uri: str,
     snapshot: Snapshot,
@@ -315,19 +228,6 @@ def assemble(
         tracking_uri=tracking_uri,
         run_id=run_id,
     )
-
-
-def _run_baseline(snapshot: Snapshot, settings: Settings, out: Path, store: ImageStore) -> BaselineResult:
-    from adaptflow.models.weights import resolve_weights
-    from adaptflow.training.baseline import BaselineInputs, run_baseline
-
-    workdir = Path(settings.workdir).resolve()
-    weights = resolve_weights(settings.backbone, workdir / "cache" / "weights")
-    cache_dir = Path(settings.baseline.feature_cache_dir or workdir / "cache" / "features")
-    inputs = BaselineInputs(
-        snapshot, settings.backbone, weights, settings.baseline, settings.finetune, cache_dir, settings.seed
-    )
-    return run_baseline(inputs, out, store)
 
 
 def run_compare(
@@ -370,37 +270,29 @@ def run_compare(
                 "adaptflow.strategies": ",".join(names),
             },
         )
-    try:
+    with run_lifecycle(ctx.tracking_uri, ctx.parent_run_id) if ctx else contextlib.nullcontext():
         result = _compare(data_uri, snapshot, settings, names, out, store, ctx)
         if report:
-            from adaptflow.report import write_report
-
-            html, markdown = write_report(result, out / "report")
-            result = result.model_copy(update={"report_html": str(html), "report_markdown": str(markdown)})
-            if ctx is not None:
-                from mlflow import MlflowClient
-
-                client = MlflowClient(ctx.tracking_uri)
-                client.log_artifact(ctx.parent_run_id, str(html), "report")
-                client.log_artifact(ctx.parent_run_id, str(markdown), "report")
-                for png in sorted((out / "report" / "plots").glob("*.png")):
-                    client.log_artifact(ctx.parent_run_id, str(png), "report/plots")
+            result = _write_report(result, out, ctx)
         result.save(out)
         if ctx is not None:
-            from mlflow import MlflowClient
-
-            MlflowClient(ctx.tracking_uri).log_artifact(ctx.parent_run_id, str(out / CompareResult.FILE))
-    except BaseException:
-        if ctx is not None:
-            from adaptflow.tracking import finish_pipeline_run
-
-            finish_pipeline_run(ctx, "FAILED")
-        raise
-    if ctx is not None:
-        from adaptflow.tracking import finish_pipeline_run
-
-        finish_pipeline_run(ctx)
+            log_compare_file(ctx, out)
     return result
+
+
+def _write_report(result: CompareResult, out: Path, ctx: TrackingContext | None) -> CompareResult:
+    from adaptflow.report import write_report
+
+    html, markdown = write_report(result, out / "report")
+    if ctx is not None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(ctx.tracking_uri)
+        for path in (html, markdown):
+            client.log_artifact(ctx.parent_run_id, str(path), "report")
+        for png in sorted((out / "report" / "plots").glob("*.png")):
+            client.log_artifact(ctx.parent_run_id, str(png), "report/plots")
+    return result.model_copy(update={"report_html": str(html), "report_markdown": str(markdown)})
 
 
 def _compare(
@@ -410,156 +302,76 @@ def _compare(
     names: list[str],
     out: Path,
     store: ImageStore,
-    ctx: object,
+    ctx: TrackingContext | None,
 ) -> CompareResult:
-    from adaptflow.evaluation import mcnemar_exact
-    from adaptflow.tracking import TrackingContext, flat_params, stage_run
+    from adaptflow.stage_logs import log_compare_baseline
+    from adaptflow.tracking import stage_run
+    from adaptflow.training.baseline import baseline_for
 
-    tracking = ctx if isinstance(ctx, TrackingContext) else None
-    y = test_labels(snapshot)
-    baseline_dir = out / "baseline" / "candidate"
-    if tracking is not None:
-        import mlflow
+    def stage(strategy: str, run_name: str) -> contextlib.AbstractContextManager[Any]:
+        tags = {"adaptflow.strategy": strategy}
+        return stage_run(ctx, run_name, tags) if ctx else contextlib.nullcontext()
 
-        with stage_run(tracking, BASELINE, {"adaptflow.strategy": BASELINE}) as run:
-            mlflow.log_params(flat_params("finetune", settings.finetune.model_dump(mode="json")))
-            baseline = _run_baseline(snapshot, settings, out / "baseline", store)
-            base_score, base_preds = score_folder(baseline_dir, BASELINE, snapshot, settings, store)
-            outcomes = [
-                _baseline_outcome(baseline, base_score).model_copy(update={"run_id": run.info.run_id})
-            ]
-            _log_outcome(outcomes[0])
-            mlflow.log_params({f"advisor.{k}": v for k, v in baseline.decision.signals.items()})
-            mlflow.set_tag("adaptflow.advisor_reason", baseline.decision.reason[:4900])
-    else:
-        baseline = _run_baseline(snapshot, settings, out / "baseline", store)
-        base_score, base_preds = score_folder(baseline_dir, BASELINE, snapshot, settings, store)
-        outcomes = [_baseline_outcome(baseline, base_score)]
-
+    with stage(BASELINE, BASELINE) as run:
+        baseline = baseline_for(snapshot, settings, out / "baseline", store)
+        base_score, _ = score_folder(out / "baseline" / "candidate", BASELINE, snapshot, settings, store)
+        run_id = run.info.run_id if run else None
+        outcomes = [outcome_of(BASELINE, baseline.candidate, base_score, run_id=run_id)]
+        if run is not None:
+            log_compare_baseline(settings, outcomes[0], baseline.decision)
     for strategy in names:
-        folder = out / "strategies" / strategy
-
-        def one(strategy: str = strategy, folder: Path = folder) -> StrategyOutcome:
-            candidate = train_strategy(strategy, snapshot, baseline, baseline_dir, settings, folder, store)
-            model_score, preds = score_folder(folder, candidate.name, snapshot, settings, store)
-            return outcome_of(strategy, candidate, model_score, mcnemar_exact(y, preds, base_preds))
-
-        if tracking is not None:
-            import mlflow
-
-            with stage_run(tracking, f"compare-{strategy}", {"adaptflow.strategy": strategy}) as run:
-                outcome = one().model_copy(update={"run_id": run.info.run_id})
-                _log_outcome(outcome)
-        else:
-            outcome = one()
+        with stage(strategy, f"compare-{strategy}") as run:
+            folder = out / "strategies" / strategy
+            outcome = compare_one_strategy(strategy, snapshot, out / "baseline", settings, folder)
+            outcome = outcome.model_copy(update={"run_id": run.info.run_id if run else None})
+            if run is not None:
+                log_outcome(outcome)
+        s = outcome.score
         log.info(
             "compare: %-12s test accuracy %.4f [%.4f, %.4f], %d trainable, %.1fs",
-            strategy,
-            outcome.score.accuracy,
-            *outcome.score.accuracy_ci95,
-            outcome.trainable_params,
-            outcome.wall_seconds,
+            *(strategy, s.accuracy, *s.accuracy_ci95, outcome.trainable_params, outcome.wall_seconds),
         )
         outcomes.append(outcome)
-
-    result = assemble(
-        data_uri,
-        snapshot,
-        baseline,
-        outcomes,
-        settings,
-        tracking.tracking_uri if tracking else None,
-        tracking.parent_run_id if tracking else None,
-    )
-    if tracking is not None:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking.tracking_uri)
-        for o in outcomes:
-            client.log_metric(tracking.parent_run_id, f"{o.strategy}.test_accuracy", o.score.accuracy)
-            client.log_metric(tracking.parent_run_id, f"{o.strategy}.wall_seconds", o.wall_seconds)
-        client.set_tag(tracking.parent_run_id, "adaptflow.compare.best", result.best)
-        client.set_tag(tracking.parent_run_id, "adaptflow.compare.best_reason", result.best_reason[:4900])
+    uri, run_id = (ctx.tracking_uri, ctx.parent_run_id) if ctx else (None, None)
+    result = assemble(data_uri, snapshot, baseline, outcomes, settings, uri, run_id)
+    if ctx is not None:
+        log_compare_result(ctx, result)
     return result
 
 
-# --- KFP steps (called by components/compare.py) ---------------------------------------------
-
-
-def compare_strategy_step(
-    snapshot_dir: str,
-    baseline_dir: str,
-    strategy: str,
-    config_json: str,
-    parent_run_id: str,
-    out_dir: str,
-) -> float:
-    """One ParallelFor task: trains ``strategy`` from the baseline, scores it; returns test accuracy."""
-    import mlflow
-
+def compare_one_strategy(
+    strategy: str, snapshot: Snapshot, baseline_dir: Path, settings: Settings, out: Path
+) -> StrategyOutcome:
+    """One ParallelFor task's stage: ``strategy`` trained from the baseline, scored against it."""
     from adaptflow.evaluation import mcnemar_exact
-    from adaptflow.logs import setup_logging
-    from adaptflow.tracking import TrackingContext, resolve_tracking_uri, stage_run
 
-    setup_logging()
-    settings = Settings.from_json(config_json)
     (name,) = parse_strategies([strategy])
-    snapshot = Snapshot.load(snapshot_dir)
-    baseline = BaselineResult.load(baseline_dir)
-    out = Path(out_dir)
     store = ImageStore()
-    uri = resolve_tracking_uri(settings)
-    experiment_id = mlflow.MlflowClient(uri).get_run(parent_run_id).info.experiment_id
-    ctx = TrackingContext(uri, str(experiment_id), parent_run_id)
-    with stage_run(ctx, f"compare-{name}", {"adaptflow.strategy": name}) as run:
-        base_dir = Path(baseline_dir) / "candidate"
-        _, base_preds = score_folder(base_dir, BASELINE, snapshot, settings, store)
-        candidate = train_strategy(name, snapshot, baseline, base_dir, settings, out / "candidate", store)
-        model_score, preds = score_folder(out / "candidate", candidate.name, snapshot, settings, store)
-        outcome = outcome_of(
-            name,
-            candidate,
-            model_score,
-            mcnemar_exact(test_labels(snapshot), preds, base_preds),
-            run.info.run_id,
-        )
-        _log_outcome(outcome)
-    outcome.save(out)
-    return outcome.score.accuracy
+    baseline = BaselineResult.load(baseline_dir)
+    base_dir = baseline_dir / "candidate"
+    _, base_preds = score_folder(base_dir, BASELINE, snapshot, settings, store)
+    candidate = train_strategy(name, snapshot, baseline, base_dir, settings, out / "candidate", store)
+    model_score, preds = score_folder(out / "candidate", candidate.name, snapshot, settings, store)
+    return outcome_of(name, candidate, model_score, mcnemar_exact(test_labels(snapshot), preds, base_preds))
 
 
-def compare_report_step(
-    snapshot_dir: str,
-    baseline_dir: str,
-    outcome_dirs: list[str],
+def gather_outcomes(
     data_uri: str,
-    config_json: str,
-    parent_run_id: str,
-    out_dir: str,
-) -> str:
-    """Gathers the ParallelFor outcomes into one CompareResult + report; returns the best strategy."""
-    import mlflow
-
-    from adaptflow.logs import setup_logging
-    from adaptflow.report import write_report
-    from adaptflow.tracking import resolve_tracking_uri
-
-    setup_logging()
-    settings = Settings.from_json(config_json)
-    snapshot = Snapshot.load(snapshot_dir)
+    snapshot: Snapshot,
+    baseline_dir: Path,
+    outcome_dirs: Sequence[str],
+    settings: Settings,
+    ctx: TrackingContext,
+    out: Path,
+) -> CompareResult:
+    """The report task's stage: the ParallelFor outcomes and the baseline row, in one result and report."""
     baseline = BaselineResult.load(baseline_dir)
-    store = ImageStore()
-    base_score, _ = score_folder(Path(baseline_dir) / "candidate", BASELINE, snapshot, settings, store)
-    outcomes = [_baseline_outcome(baseline, base_score)]
+    base_score, _ = score_folder(baseline_dir / "candidate", BASELINE, snapshot, settings, ImageStore())
+    outcomes = [outcome_of(BASELINE, baseline.candidate, base_score)]
     outcomes += [StrategyOutcome.load(folder) for folder in outcome_dirs]
-    uri = resolve_tracking_uri(settings)
-    result = assemble(data_uri, snapshot, baseline, outcomes, settings, uri, parent_run_id)
-    out = Path(out_dir)
-    html, markdown = write_report(result, out / "report")
-    result = result.model_copy(update={"report_html": str(html), "report_markdown": str(markdown)})
+    result = assemble(data_uri, snapshot, baseline, outcomes, settings, ctx.tracking_uri, ctx.parent_run_id)
+    result = _write_report(result, out, ctx)
     result.save(out)
-    client = mlflow.MlflowClient(uri)
-    for path in (html, markdown, out / CompareResult.FILE):
-        client.log_artifact(parent_run_id, str(path), "report")
-    client.set_tag(parent_run_id, "adaptflow.compare.best", result.best)
-    return result.best
+    log_compare_result(ctx, result)
+    log_compare_file(ctx, out)
+    return result

@@ -9,14 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adaptflow.errors import ConfigError
 
-FinetuneStrategy = Literal["partial", "full", "lora", "gradual", "linear_probe"]
+FinetuneStrategy = Literal["linear_probe", "partial", "full", "lora", "gradual"]
+#: every fine-tuning strategy, in the order reports list them: the one source of these names
+FINETUNE_STRATEGIES: tuple[str, ...] = get_args(FinetuneStrategy)
+#: what ``adaptflow compare`` can run: the strategies, plus training from scratch as the control
+COMPARE_STRATEGIES: tuple[str, ...] = (*FINETUNE_STRATEGIES, "scratch")
 
 
 class Section(BaseModel):

@@ -228,3 +228,54 @@ class Registration(Contract):
     champion_after: str | None
     promoted: bool
     gate: GateDecision
+
+
+class StrategyOutcome(Contract):
+    """One row of the comparison: a trained model, its test score and what it cost."""
+
+    FILE: ClassVar[str] = "outcome.json"
+
+    strategy: str
+    candidate: str
+    score: ModelScore
+    trainable_params: int
+    total_params: int
+    wall_seconds: float
+    images_per_second: float | None
+    peak_memory_mb: float | None
+    train_accuracy: float
+    val_accuracy: float
+    train_val_gap: float
+    best_epoch: int
+    epochs_run: int
+    history: tuple[EpochRecord, ...] = ()
+    p_value_vs_baseline: float | None = None
+    run_id: str | None = None
+
+
+class CompareResult(Contract):
+    FILE: ClassVar[str] = "compare.json"
+
+    data_uri: str
+    fingerprint: str
+    class_names: tuple[str, ...]
+    counts: dict[str, int]
+    min_train_images_per_class: int
+    test_size: int
+    decision: FinetuneDecision
+    outcomes: tuple[StrategyOutcome, ...]
+    best: str
+    best_reason: str
+    finetune_margin: float
+    epochs: int
+    device: str
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    report_html: str | None = None
+    report_markdown: str | None = None
+
+    def outcome(self, strategy: str) -> StrategyOutcome:
+        for o in self.outcomes:
+            if o.strategy == strategy:
+                return o
+        raise KeyError(strategy)

@@ -7,11 +7,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from adaptflow.data.demo import TARGET_TREES
+
 log = logging.getLogger(__name__)
 
+__all__ = ["TARGET_TREES", "DemoAssets", "prepare_demo"]
+
 DEMO_WEIGHTS = "resnet18-digits-source.safetensors"
-# The demo's target tasks (adaptflow.data.demo says what each one is).
-TARGET_TREES = ("target", "target-shifted", "target-texture")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class AdaptflowError(Exception):
     """Base class. ``hint`` says what to do next; the CLI prints both and exits non-zero."""
@@ -39,3 +41,17 @@ class ExportError(AdaptflowError):
 
 class LeaseError(AdaptflowError):
     """The promotion lease could not be taken in time."""
+
+
+def describe_error(error: BaseException) -> tuple[str, str | None]:
+    """(message, hint) for the user: our own errors carry both; a full disk gets its own advice."""
+    if isinstance(error, AdaptflowError):
+        return error.message, error.hint
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = error.filename or "the output folder"
+        return (
+            f"disk full while writing {where}",
+            "free space there, or point workdir / the pipeline root at a larger volume; outputs are "
+            "written to a temporary file and renamed, so nothing already saved was damaged",
+        )
+    return f"{type(error).__name__}: {error}", None

@@ -221,3 +221,28 @@ def evaluate(
         fingerprint=snapshot.fingerprint,
     )
     return evaluation, predictions
+
+
+def evaluate_against_champion(
+    snapshot: Snapshot,
+    candidate_dirs: list[Path],
+    cfg: EvaluateConfig,
+    tracking_uri: str,
+    model_name: str,
+    out_dir: str | Path,
+) -> Evaluation:
+    """The evaluate stage as the pipeline runs it: the registered champion (if any) fetched and scored
+    beside the candidates; the evaluation is saved under ``out_dir``."""
+    from adaptflow.registry import get_champion
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ref = get_champion(tracking_uri, model_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        champion = None
+        if ref is not None:
+            champion = ChampionModel(ref, load_onnx_classifier(download_onnx(ref.uri, tmp, tracking_uri)))
+        note = None if ref else "no champion registered yet"
+        evaluation, _ = evaluate(snapshot, candidate_dirs, champion, cfg, champion_note=note)
+    evaluation.save(out)
+    return evaluation

@@ -1,27 +1,37 @@
-"""Logging the winner as an MLflow ONNX model and registering it, with lineage tags."""
+"""The register stage: the winner logged as an MLflow ONNX model, registered with lineage tags, and
+put through the promotion gate under the lease (:mod:`adaptflow.registry`)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from adaptflow.config import Settings
-from adaptflow.contracts import Candidate, Evaluation, ExportResult, Snapshot
-from adaptflow.registry import CHALLENGER
+from adaptflow.contracts import Candidate, ChampionRef, Evaluation, ExportResult, Registration, Snapshot
+from adaptflow.registry import CHALLENGER, ChampionRescore, PromotionInputs, lease_for, promote_under_lease
 from adaptflow.tracking import TrackingContext, git_commit, lineage_tags
 
 
-def version_tags(
-    winner: Candidate,
-    snapshot: Snapshot,
-    evaluation: Evaluation,
-    export: ExportResult,
-    settings: Settings,
-    ctx: TrackingContext,
-    register_run_id: str,
-) -> dict[str, str]:
+@dataclass(frozen=True)
+class Publication:
+    """What the register stage publishes: the exported winner and everything it is judged and tagged by."""
+
+    onnx_path: Path
+    winner: Candidate
+    snapshot: Snapshot
+    evaluation: Evaluation
+    export: ExportResult
+    settings: Settings
+    ctx: TrackingContext
+    register_run_id: str
+
+
+def version_tags(pub: Publication) -> dict[str, str]:
+    winner, snapshot, evaluation, export = pub.winner, pub.snapshot, pub.evaluation, pub.export
+    settings, ctx, register_run_id = pub.settings, pub.ctx, pub.register_run_id
     score = evaluation.score(winner.name)
     tags = {
         "adaptflow.data_fingerprint": snapshot.fingerprint,
@@ -47,22 +57,15 @@ def version_tags(
     return tags
 
 
-def publish_model(
-    onnx_path: Path,
-    winner: Candidate,
-    snapshot: Snapshot,
-    evaluation: Evaluation,
-    export: ExportResult,
-    settings: Settings,
-    ctx: TrackingContext,
-    register_run_id: str,
-) -> str:
+def publish_model(pub: Publication) -> str:
     """Logs + registers the ONNX model in the active run; moves ``challenger``; returns the version."""
     import mlflow
     import onnx
     from mlflow.models import infer_signature
 
     from adaptflow.onnx_model import load_onnx_classifier
+
+    winner, onnx_path, settings = pub.winner, pub.onnx_path, pub.settings
 
     name = settings.registry.model_name
     size = winner.preprocessing.input_size
@@ -82,10 +85,42 @@ def publish_model(
         },
     )
     version = str(info.registered_model_version)
-    client = mlflow.MlflowClient(ctx.tracking_uri)
-    for key, value in version_tags(
-        winner, snapshot, evaluation, export, settings, ctx, register_run_id
-    ).items():
+    client = mlflow.MlflowClient(pub.ctx.tracking_uri)
+    for key, value in version_tags(pub).items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)
     return version
+
+
+def register_winner(pub: Publication) -> Registration:
+    """Registers the winner (``challenger`` moves), then runs the gate and moves ``champion`` if it passes.
+
+    A champion that moved since evaluation is re-scored under the lease on this snapshot's test split.
+    """
+    import mlflow
+
+    from adaptflow.evaluation import rescore_champion
+
+    settings, ctx, snapshot, evaluation = pub.settings, pub.ctx, pub.snapshot, pub.evaluation
+    name = settings.registry.model_name
+    version = publish_model(pub)
+
+    def rescore(ref: ChampionRef) -> ChampionRescore:
+        return rescore_champion(ref, snapshot, ctx.tracking_uri, settings.evaluate)
+
+    artifacts = mlflow.MlflowClient(ctx.tracking_uri).get_experiment(ctx.experiment_id).artifact_location
+    lease = lease_for(name, settings.registry, settings.workdir, ctx.tracking_uri, artifacts)
+    run_ids = {"pipeline": ctx.parent_run_id, "register": pub.register_run_id}
+    score = evaluation.score(pub.winner.name)
+    gate = settings.gate
+    inputs = PromotionInputs(ctx.tracking_uri, name, version, score, evaluation, pub.export, gate, run_ids)
+    decision, before, after = promote_under_lease(inputs, lease, rescore)
+    return Registration(
+        model_name=name,
+        version=version,
+        model_uri=f"models:/{name}/{version}",
+        champion_before=before,
+        champion_after=after,
+        promoted=decision.promote,
+        gate=decision,
+    )

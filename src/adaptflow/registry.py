@@ -59,6 +59,42 @@ def get_champion(tracking_uri: str, model_name: str, alias: str = CHAMPION) -> C
     )
 
 
+def change_verdict(
+    tracking_uri: str, model_name: str, fingerprint: str, config_hash: str, force: bool
+) -> tuple[bool, str]:
+    """(changed, why): should this run train, given what the champion and challenger were made from?"""
+    if force:
+        return True, "retraining forced"
+    unchanged = unchanged_since_champion(tracking_uri, model_name, fingerprint, config_hash)
+    return unchanged is None, unchanged or "new data or config since the champion"
+
+
+def unchanged_since_champion(
+    tracking_uri: str, model_name: str, fingerprint: str, config_hash: str
+) -> str | None:
+    """Why training can be skipped, or None.
+
+    Skipped when the champion, or the challenger (the last candidate trained and gated), was made
+    from this exact data and config: retraining would reproduce it and burn GPU hours for nothing.
+    """
+    client = _client(tracking_uri)
+    for alias in (CHAMPION, CHALLENGER):
+        ref = get_champion(tracking_uri, model_name, alias)
+        if ref is None:
+            continue
+        tags = client.get_model_version(model_name, ref.version).tags
+        if (
+            tags.get("adaptflow.data_fingerprint") == fingerprint
+            and tags.get("adaptflow.config_hash") == config_hash
+        ):
+            verdict = tags.get("adaptflow.gate.decision", "unknown")
+            return (
+                f"unchanged: data fingerprint {fingerprint[:12]} and config hash {config_hash[:12]} equal those of "
+                f"the {alias} v{ref.version} (gate: {verdict}); nothing to retrain (use --force to retrain anyway)"
+            )
+    return None
+
+
 def _artifact_uri(model_uri: str, tracking_uri: str | None) -> str:
     """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` resolved through ``tracking_uri``'s registry.
 
@@ -390,3 +426,30 @@ def rollback(
         )
         append_audit(tracking_uri, record, run_id)
         return record
+
+
+def rollback_champion(
+    tracking_uri: str,
+    experiment_name: str,
+    workdir: str | Path,
+    registry_cfg: RegistryConfig,
+    model_name: str,
+    to_version: str | None = None,
+    reason: str = "",
+) -> AuditRecord:
+    """``adaptflow rollback``: :func:`rollback` under the model's lease, recorded as its own MLflow run.
+
+    The run (tagged ``adaptflow.stage=rollback``) holds the audit trail it appends to; it ends
+    FINISHED, FAILED when the rollback is refused or fails, KILLED when interrupted.
+    """
+    from adaptflow.tracking import ensure_experiment, run_lifecycle
+
+    client = _client(tracking_uri)
+    experiment_id = ensure_experiment(tracking_uri, experiment_name, workdir)
+    run_id = client.create_run(
+        experiment_id, run_name=f"rollback {model_name}", tags={"adaptflow.stage": "rollback"}
+    ).info.run_id
+    with run_lifecycle(tracking_uri, run_id):
+        artifacts = client.get_experiment(experiment_id).artifact_location
+        lease = lease_for(model_name, registry_cfg, workdir, tracking_uri, artifacts)
+        return rollback(tracking_uri, model_name, lease, to_version, run_id, reason)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from adaptflow.compare import CompareResult, StrategyOutcome
+from adaptflow.contracts import CompareResult, StrategyOutcome
 
 SHIFT_METHOD = (
     "Domain shift is the mean, over the backbone's feature dimensions, of |target feature mean - "

@@ -1,13 +1,14 @@
-"""Steps: what each KFP component calls. A step = config parsing + MLflow tracking + one pure stage.
+"""Steps: what each KFP component calls, one per stage of the DAG.
 
-Components pass plain strings and artifact folders; steps turn them into typed inputs, run the
-stage, log params/metrics/plots to the stage's nested MLflow run, and write the typed result into
-the output folder. Nothing here knows whether it runs in a Kubeflow pod or under kfp.local.
+The three layers: a *component* (components/) maps KFP artifacts and parameters to plain strings
+and folders; a *step* (here) loads the typed inputs, calls one library *stage* function inside the
+stage's nested MLflow run, and hands what to record to one helper of :mod:`adaptflow.stage_logs`;
+the *stage* (src/adaptflow/...) is a pure function with a typed config and a typed result. Nothing
+here knows whether it runs in a Kubeflow pod or under kfp.local.
 """
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import logging
@@ -17,14 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from adaptflow.config import Settings, dump_settings
-from adaptflow.contracts import BaselineResult, Candidate, Evaluation, ExportResult, Registration, Snapshot
-from adaptflow.errors import AdaptflowError
+from adaptflow.config import Settings
+from adaptflow.contracts import BaselineResult, Candidate, Evaluation, ExportResult, Snapshot
+from adaptflow.errors import describe_error
 from adaptflow.logs import setup_logging
 from adaptflow.tracking import (
     TrackingContext,
     flat_params,
     resolve_tracking_uri,
+    run_lifecycle,
     stage_run,
     start_pipeline_run,
 )
@@ -35,20 +37,6 @@ SUMMARY_FILE = "summary.json"
 ERROR_FILE_ENV = "ADAPTFLOW_ERROR_FILE"
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def describe_error(error: BaseException) -> tuple[str, str | None]:
-    """(message, hint) for the user: our own errors carry both; a full disk gets its own advice."""
-    if isinstance(error, AdaptflowError):
-        return error.message, error.hint
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        where = error.filename or "the output folder"
-        return (
-            f"disk full while writing {where}",
-            "free space there, or point workdir / the pipeline root at a larger volume; outputs are "
-            "written to a temporary file and renamed, so nothing already saved was damaged",
-        )
-    return f"{type(error).__name__}: {error}", None
 
 
 def reports_errors(stage: str) -> Callable[[F], F]:
@@ -77,16 +65,18 @@ def _settings(config_json: str) -> Settings:
     return Settings.from_json(config_json)
 
 
+def _open(config_json: str, parent_run_id: str) -> tuple[Settings, TrackingContext]:
+    """Every step's prologue: logging, the run's settings, and the pipeline run to nest under."""
+    settings = _settings(config_json)
+    return settings, _context(settings, parent_run_id)
+
+
 def _context(settings: Settings, parent_run_id: str) -> TrackingContext:
     from mlflow.tracking import MlflowClient
 
     uri = resolve_tracking_uri(settings)
     experiment_id = MlflowClient(uri).get_run(parent_run_id).info.experiment_id
     return TrackingContext(uri, str(experiment_id), parent_run_id)
-
-
-def _workdir_path(settings: Settings, *parts: str) -> Path:
-    return Path(settings.workdir).resolve().joinpath(*parts)
 
 
 class Lineage(NamedTuple):
@@ -113,36 +103,6 @@ class IngestOutputs(NamedTuple):
     reason: str
 
 
-def unchanged_since_champion(
-    tracking_uri: str, model_name: str, fingerprint: str, config_hash: str
-) -> str | None:
-    """Why training can be skipped, or None.
-
-    Skipped when the champion, or the challenger (the last candidate trained and gated), was made
-    from this exact data and config: retraining would reproduce it and burn GPU hours for nothing.
-    """
-    from mlflow.tracking import MlflowClient
-
-    from adaptflow.registry import CHALLENGER, CHAMPION, get_champion
-
-    client = MlflowClient(tracking_uri)
-    for alias in (CHAMPION, CHALLENGER):
-        ref = get_champion(tracking_uri, model_name, alias)
-        if ref is None:
-            continue
-        tags = client.get_model_version(model_name, ref.version).tags
-        if (
-            tags.get("adaptflow.data_fingerprint") == fingerprint
-            and tags.get("adaptflow.config_hash") == config_hash
-        ):
-            verdict = tags.get("adaptflow.gate.decision", "unknown")
-            return (
-                f"unchanged: data fingerprint {fingerprint[:12]} and config hash {config_hash[:12]} equal those of "
-                f"the {alias} v{ref.version} (gate: {verdict}); nothing to retrain (use --force to retrain anyway)"
-            )
-    return None
-
-
 @reports_errors("ingest")
 def ingest_step(
     data_uri: str,
@@ -152,53 +112,30 @@ def ingest_step(
     force: bool = False,
     lineage: Lineage | None = None,
 ) -> IngestOutputs:
-    import mlflow
-
     from adaptflow.data.ingest import ingest, write_quarantine_report
+    from adaptflow.registry import change_verdict
+    from adaptflow.stage_logs import log_ingest, log_pipeline_config
 
     settings = _settings(config_json)
     config_hash = settings.config_hash()
-    lineage_tags = lineage.tags() if lineage else {}
-    run_tags = {"adaptflow.data_uri": data_uri, "adaptflow.config_hash": config_hash, **lineage_tags}
+    tags = {"adaptflow.data_uri": data_uri, "adaptflow.config_hash": config_hash}
+    tags |= lineage.tags() if lineage else {}
     ctx = (
         _context(settings, parent_run_id)
         if parent_run_id
-        else start_pipeline_run(settings, "adaptflow", run_tags)
+        else start_pipeline_run(settings, "adaptflow", tags)
     )
-    client = mlflow.MlflowClient(ctx.tracking_uri)
-    for key, value in run_tags.items():
-        client.set_tag(ctx.parent_run_id, key, value)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_settings(settings))
-    mlflow.set_tracking_uri(ctx.tracking_uri)
-    client.log_artifact(ctx.parent_run_id, str(out / "config.yaml"))
-    params = flat_params("", settings.model_dump(mode="json", exclude={"cluster"}))
-    client.log_batch(ctx.parent_run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()][:100])
+    log_pipeline_config(ctx, settings, tags, out)
     with stage_run(ctx, "ingest", {"adaptflow.data_uri": data_uri}):
         snapshot = ingest(data_uri, settings.ingest)
         snapshot.save(out)
         write_quarantine_report(snapshot, out)
-        mlflow.log_params({"source_uri": data_uri, "classes": ",".join(snapshot.class_names)[:6000]})
-        mlflow.log_metrics(
-            {f"images_{k}": float(v) for k, v in snapshot.counts.items()}
-            | {"quarantined": float(len(snapshot.quarantined))}
-        )
-        mlflow.set_tag("adaptflow.data_fingerprint", snapshot.fingerprint)
-        mlflow.log_artifact(str(out / "quarantine.csv"))
-        mlflow.log_artifact(str(out / Snapshot.FILE))
-        skip = (
-            None
-            if force
-            else unchanged_since_champion(
-                ctx.tracking_uri, settings.registry.model_name, snapshot.fingerprint, config_hash
-            )
-        )
-        reason = skip or ("retraining forced" if force else "new data or config since the champion")
-        mlflow.set_tags({"adaptflow.changed": str(skip is None), "adaptflow.change_reason": reason})
-    client.set_tag(ctx.parent_run_id, "adaptflow.data_fingerprint", snapshot.fingerprint)
+        model = settings.registry.model_name
+        changed, reason = change_verdict(ctx.tracking_uri, model, snapshot.fingerprint, config_hash, force)
+        log_ingest(ctx, snapshot, data_uri, out, changed, reason)
     log.info("ingest: %s", reason)
-    return IngestOutputs(snapshot.fingerprint, ctx.parent_run_id, config_hash, skip is None, reason)
+    return IngestOutputs(snapshot.fingerprint, ctx.parent_run_id, config_hash, changed, reason)
 
 
 @reports_errors("report_unchanged")
@@ -207,33 +144,14 @@ def report_unchanged_step(
 ) -> None:
     """The Else branch of "changed": write an ``unchanged`` summary and close the pipeline run."""
     from adaptflow.registry import get_champion
-    from adaptflow.summary import dataset_summary
-    from adaptflow.tracking import finish_pipeline_run
+    from adaptflow.stage_logs import log_outcome_summary
+    from adaptflow.summary import unchanged_summary
 
-    settings = _settings(config_json)
-    ctx = _context(settings, parent_run_id)
-    snapshot = Snapshot.load(snapshot_dir)
-    champion = get_champion(ctx.tracking_uri, settings.registry.model_name)
-    summary = {
-        "status": "unchanged",
-        "reason": reason,
-        "dataset": dataset_summary(snapshot),
-        "champion_before": champion.version if champion else None,
-        "promoted": False,
-        "registered_version": None,
-        "mlflow": {
-            "tracking_uri": ctx.tracking_uri,
-            "experiment_id": ctx.experiment_id,
-            "run_id": ctx.parent_run_id,
-            "model_name": settings.registry.model_name,
-        },
-    }
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    Path(out_dir, SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    import mlflow
-
-    mlflow.MlflowClient(ctx.tracking_uri).set_tag(ctx.parent_run_id, "adaptflow.status", "unchanged")
-    finish_pipeline_run(ctx)
+    settings, ctx = _open(config_json, parent_run_id)
+    with run_lifecycle(ctx.tracking_uri, ctx.parent_run_id):
+        champion = get_champion(ctx.tracking_uri, settings.registry.model_name)
+        summary = unchanged_summary(Snapshot.load(snapshot_dir), reason, champion, settings, ctx)
+        log_outcome_summary(ctx, summary, "unchanged", Path(out_dir), SUMMARY_FILE)
     log.info("%s", reason)
 
 
@@ -242,86 +160,18 @@ class BaselineOutputs(NamedTuple):
     reason: str
 
 
-def _log_candidate(candidate: Candidate, out: Path) -> None:
-    import mlflow
-
-    from adaptflow.plots import learning_curves_png
-
-    mlflow.log_metrics({k: float(v) for k, v in candidate.metrics.items()})
-    cost = candidate.cost
-    mlflow.log_metrics(
-        {
-            "wall_seconds": cost.wall_seconds,
-            "trainable_params": cost.trainable_params,
-            "total_params": cost.total_params,
-            "epochs_run": cost.epochs_run,
-            "backbone_forward_images": cost.backbone_forward_images,
-            **(
-                {"train_images_per_second": cost.train_images_per_second}
-                if cost.train_images_per_second
-                else {}
-            ),
-            **({"peak_memory_mb": cost.peak_memory_mb} if cost.peak_memory_mb else {}),
-        }
-    )
-    for h in candidate.history:
-        mlflow.log_metrics(
-            {
-                "epoch_train_loss": h.train_loss,
-                "epoch_train_accuracy": h.train_accuracy,
-                "epoch_val_loss": h.val_loss,
-                "epoch_val_accuracy": h.val_accuracy,
-            },
-            step=h.epoch,
-        )
-    if candidate.history:
-        mlflow.log_artifact(
-            str(learning_curves_png(candidate.history, candidate.name, out / "learning_curves.png"))
-        )
-
-
 @reports_errors("baseline")
 def baseline_step(
     snapshot_dir: str, config_json: str, parent_run_id: str, fingerprint: str, out_dir: str
 ) -> BaselineOutputs:
-    import mlflow
+    from adaptflow.stage_logs import log_baseline
+    from adaptflow.training.baseline import baseline_for
 
-    from adaptflow.models.weights import resolve_weights
-    from adaptflow.training.baseline import BaselineInputs, run_baseline
-
-    settings = _settings(config_json)
-    ctx = _context(settings, parent_run_id)
-    snapshot = Snapshot.load(snapshot_dir)
+    settings, ctx = _open(config_json, parent_run_id)
     with stage_run(ctx, "baseline", {"adaptflow.data_fingerprint": fingerprint}):
-        mlflow.log_params(flat_params("backbone", settings.backbone.model_dump(mode="json")))
-        mlflow.log_params(flat_params("baseline", settings.baseline.model_dump(mode="json")))
-        weights = resolve_weights(settings.backbone, _workdir_path(settings, "cache", "weights"))
-        cache_dir = Path(settings.baseline.feature_cache_dir or _workdir_path(settings, "cache", "features"))
-        result = run_baseline(
-            BaselineInputs(
-                snapshot,
-                settings.backbone,
-                weights,
-                settings.baseline,
-                settings.finetune,
-                cache_dir,
-                settings.seed,
-            ),
-            out_dir,
-        )
-        _log_candidate(result.candidate, Path(out_dir))
-        decision = result.decision
-        mlflow.log_params({f"advisor.{k}": v for k, v in decision.signals.items()})
-        mlflow.set_tags(
-            {
-                "adaptflow.should_finetune": str(decision.should_finetune),
-                "adaptflow.advisor_reason": decision.reason[:4900],
-            }
-        )
-        mlflow.log_dict(decision.model_dump(mode="json"), "advisor.json")
-    client = mlflow.MlflowClient(ctx.tracking_uri)
-    client.set_tag(ctx.parent_run_id, "adaptflow.advisor_reason", decision.reason[:4900])
-    return BaselineOutputs(decision.should_finetune, decision.reason)
+        result = baseline_for(Snapshot.load(snapshot_dir), settings, out_dir)
+        log_baseline(ctx, settings, result, Path(out_dir))
+    return BaselineOutputs(result.decision.should_finetune, result.decision.reason)
 
 
 @reports_errors("finetune")
@@ -330,24 +180,19 @@ def finetune_step(
 ) -> None:
     import mlflow
 
+    from adaptflow.stage_logs import log_candidate
     from adaptflow.training.advisor import finetune_settings
     from adaptflow.training.finetune import FinetuneInputs, run_finetune
 
-    settings = _settings(config_json)
-    ctx = _context(settings, parent_run_id)
+    settings, ctx = _open(config_json, parent_run_id)
     baseline = BaselineResult.load(baseline_dir)
     cfg = finetune_settings(settings.finetune, baseline.decision, settings.baseline.advisor)
-    with stage_run(
-        ctx, "finetune", {"adaptflow.data_fingerprint": fingerprint, "adaptflow.strategy": cfg.strategy}
-    ):
+    tags = {"adaptflow.data_fingerprint": fingerprint, "adaptflow.strategy": cfg.strategy}
+    with stage_run(ctx, "finetune", tags):
         mlflow.log_params(flat_params("finetune", cfg.model_dump(mode="json")))
-        candidate = run_finetune(
-            FinetuneInputs(
-                Snapshot.load(snapshot_dir), baseline, Path(baseline_dir) / "candidate", cfg, settings.seed
-            ),
-            out_dir,
-        )
-        _log_candidate(candidate, Path(out_dir))
+        start = Path(baseline_dir) / "candidate"
+        inputs = FinetuneInputs(Snapshot.load(snapshot_dir), baseline, start, cfg, settings.seed)
+        log_candidate(run_finetune(inputs, out_dir), Path(out_dir))
 
 
 @reports_errors("keep_baseline")
@@ -385,58 +230,21 @@ def evaluate_step(
     fingerprint: str,
     out_dir: str,
 ) -> EvaluateOutputs:
-    import mlflow
+    from adaptflow.evaluation import evaluate_against_champion
+    from adaptflow.stage_logs import log_evaluation
 
-    from adaptflow.evaluation import ChampionModel, evaluate
-    from adaptflow.onnx_model import load_onnx_classifier
-    from adaptflow.plots import confusion_matrix_png
-    from adaptflow.registry import download_onnx, get_champion
-
-    settings = _settings(config_json)
-    ctx = _context(settings, parent_run_id)
+    settings, ctx = _open(config_json, parent_run_id)
     snapshot = Snapshot.load(snapshot_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     with stage_run(ctx, "evaluate", {"adaptflow.data_fingerprint": fingerprint}):
-        ref = get_champion(ctx.tracking_uri, settings.registry.model_name)
-        champion = None
-        if ref is not None:
-            path = download_onnx(ref.uri, out / "champion", ctx.tracking_uri)
-            champion = ChampionModel(ref, load_onnx_classifier(path))
-        evaluation, _ = evaluate(
+        evaluation = evaluate_against_champion(
             snapshot,
             _candidate_dirs(baseline_dir, selected_dir),
-            champion,
             settings.evaluate,
-            champion_note=None if ref else "no champion registered yet",
+            ctx.tracking_uri,
+            settings.registry.model_name,
+            out_dir,
         )
-        evaluation.save(out)
-        shutil.rmtree(out / "champion", ignore_errors=True)
-        for s in evaluation.scores:
-            mlflow.log_metrics(
-                {
-                    f"{s.name}.test_accuracy": s.accuracy,
-                    f"{s.name}.test_macro_f1": s.macro_f1,
-                    f"{s.name}.test_accuracy_ci_low": s.accuracy_ci95[0],
-                    f"{s.name}.test_accuracy_ci_high": s.accuracy_ci95[1],
-                }
-            )
-            png = confusion_matrix_png(
-                s.confusion_matrix,
-                snapshot.class_names,
-                f"{s.name}: accuracy {s.accuracy:.3f}",
-                out / f"confusion_{s.name}.png",
-            )
-            mlflow.log_artifact(str(png), "confusion_matrices")
-        if evaluation.mcnemar_p_value is not None:
-            mlflow.log_metric("mcnemar_p_value", evaluation.mcnemar_p_value)
-        mlflow.set_tags(
-            {
-                "adaptflow.winner": evaluation.winner,
-                "adaptflow.winner_reason": evaluation.winner_reason[:4900],
-            }
-        )
-        mlflow.log_artifact(str(out / Evaluation.FILE))
+        log_evaluation(evaluation, snapshot, Path(out_dir))
     best = evaluation.score(evaluation.winner)
     return EvaluateOutputs(evaluation.winner, best.accuracy, json.dumps(best.confusion_matrix))
 
@@ -455,26 +263,14 @@ def export_step(
     parent_run_id: str,
     out_dir: str,
 ) -> ExportOutputs:
-    import mlflow
-
     from adaptflow.export import export_onnx
+    from adaptflow.stage_logs import log_export
 
-    settings = _settings(config_json)
-    ctx = _context(settings, parent_run_id)
+    settings, ctx = _open(config_json, parent_run_id)
     evaluation = Evaluation.load(evaluation_dir)
     with stage_run(ctx, "export", {"adaptflow.candidate": evaluation.winner}):
-        mlflow.log_params(flat_params("export", settings.export.model_dump(mode="json")))
         result = export_onnx(_winner_dir(evaluation, baseline_dir, selected_dir), settings.export, out_dir)
-        mlflow.log_metrics(
-            {
-                "max_abs_diff": result.max_abs_diff,
-                "latency_ms_p50": result.latency_ms_p50,
-                "latency_ms_p95": result.latency_ms_p95,
-                "onnx_size_bytes": result.size_bytes,
-                **{f"parity_batch_{k}": v for k, v in result.parity.items()},
-            }
-        )
-        mlflow.log_artifact(str(Path(out_dir) / ExportResult.FILE))
+        log_export(settings, result, Path(out_dir))
     return ExportOutputs(result.max_abs_diff, result.latency_ms_p50)
 
 
@@ -494,83 +290,60 @@ def register_step(
     parent_run_id: str,
     out_dir: str,
 ) -> RegisterOutputs:
-    import mlflow
-
-    from adaptflow.contracts import ChampionRef
-    from adaptflow.evaluation import rescore_champion
-    from adaptflow.publish import publish_model
-    from adaptflow.registry import ChampionRescore, PromotionInputs, lease_for, promote_under_lease
+    from adaptflow.publish import Publication, register_winner
+    from adaptflow.stage_logs import log_outcome_summary, log_registration
     from adaptflow.summary import build_summary
-    from adaptflow.tracking import finish_pipeline_run
 
-    settings = _settings(config_json)
-    ctx = _context(settings, parent_run_id)
-    snapshot = Snapshot.load(snapshot_dir)
-    baseline = BaselineResult.load(baseline_dir)
-    evaluation = Evaluation.load(evaluation_dir)
+    settings, ctx = _open(config_json, parent_run_id)
+    snapshot, evaluation = Snapshot.load(snapshot_dir), Evaluation.load(evaluation_dir)
     export = ExportResult.load(export_dir)
     winner = Candidate.load(_winner_dir(evaluation, baseline_dir, selected_dir))
-    selected = Candidate.load(selected_dir)
-    name = settings.registry.model_name
-    try:
-        with stage_run(ctx, "register", {"adaptflow.candidate": winner.name}) as run:
-            version = publish_model(
-                Path(export_dir) / ExportResult.ONNX,
-                winner,
-                snapshot,
-                evaluation,
-                export,
-                settings,
-                ctx,
-                run.info.run_id,
-            )
+    run_ends = run_lifecycle(ctx.tracking_uri, ctx.parent_run_id)
+    with run_ends, stage_run(ctx, "register", {"adaptflow.candidate": winner.name}) as run:
+        onnx = Path(export_dir) / ExportResult.ONNX
+        pub = Publication(onnx, winner, snapshot, evaluation, export, settings, ctx, run.info.run_id)
+        registration = register_winner(pub)
+        registration.save(out_dir)
+        log_registration(registration)
+        baseline, selected = BaselineResult.load(baseline_dir), Candidate.load(selected_dir)
+        summary = build_summary(snapshot, baseline, selected, evaluation, export, registration, ctx)
+        log_outcome_summary(ctx, summary, "completed", Path(out_dir), SUMMARY_FILE)
+    outcome = "promoted to champion" if registration.promoted else "not promoted"
+    log.info("register: %s v%s %s", registration.model_name, registration.version, outcome)
+    return RegisterOutputs(registration.version, registration.promoted)
 
-            def rescore(ref: ChampionRef) -> ChampionRescore:
-                return rescore_champion(ref, snapshot, ctx.tracking_uri, settings.evaluate)
 
-            experiment = mlflow.MlflowClient(ctx.tracking_uri).get_experiment(ctx.experiment_id)
-            lease = lease_for(
-                name, settings.registry, settings.workdir, ctx.tracking_uri, experiment.artifact_location
-            )
-            decision, before, after = promote_under_lease(
-                PromotionInputs(
-                    ctx.tracking_uri,
-                    name,
-                    version,
-                    evaluation.score(winner.name),
-                    evaluation,
-                    export,
-                    settings.gate,
-                    {"pipeline": ctx.parent_run_id, "register": run.info.run_id},
-                ),
-                lease,
-                rescore,
-            )
-            mlflow.set_tags(
-                {
-                    "adaptflow.promoted": str(decision.promote),
-                    "adaptflow.gate.reasons": "; ".join(decision.reasons)[:4900],
-                }
-            )
-            registration = Registration(
-                model_name=name,
-                version=version,
-                model_uri=f"models:/{name}/{version}",
-                champion_before=before,
-                champion_after=after,
-                promoted=decision.promote,
-                gate=decision,
-            )
-            registration.save(out_dir)
-            summary = build_summary(snapshot, baseline, selected, evaluation, export, registration, ctx)
-            mlflow.MlflowClient(ctx.tracking_uri).set_tag(ctx.parent_run_id, "adaptflow.status", "completed")
-            Path(out_dir, SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-            mlflow.log_dict(summary, "summary.json")
-        finish_pipeline_run(ctx)
-    except BaseException:
-        finish_pipeline_run(ctx, "FAILED")
-        raise
-    log.info(
-        "register: %s v%s %s", name, version, "promoted to champion" if decision.promote else "not promoted"
-    )
-    return RegisterOutputs(version, decision.promote)
+@reports_errors("compare_strategy")
+def compare_strategy_step(
+    snapshot_dir: str, baseline_dir: str, strategy: str, config_json: str, parent_run_id: str, out_dir: str
+) -> float:
+    """One ParallelFor task of the compare DAG: trains ``strategy``, scores it; returns test accuracy."""
+    from adaptflow.compare import compare_one_strategy
+    from adaptflow.stage_logs import log_outcome
+
+    settings, ctx = _open(config_json, parent_run_id)
+    snapshot, out = Snapshot.load(snapshot_dir), Path(out_dir)
+    with stage_run(ctx, f"compare-{strategy}", {"adaptflow.strategy": strategy}) as run:
+        outcome = compare_one_strategy(strategy, snapshot, Path(baseline_dir), settings, out)
+        outcome = outcome.model_copy(update={"run_id": run.info.run_id})
+        log_outcome(outcome)
+    outcome.save(out)
+    return outcome.score.accuracy
+
+
+@reports_errors("compare_report")
+def compare_report_step(
+    snapshot_dir: str,
+    baseline_dir: str,
+    outcome_dirs: list[str],
+    data_uri: str,
+    config_json: str,
+    parent_run_id: str,
+    out_dir: str,
+) -> str:
+    """Gathers the ParallelFor outcomes into one CompareResult + report; returns the best strategy."""
+    from adaptflow.compare import gather_outcomes
+
+    settings, ctx = _open(config_json, parent_run_id)
+    snapshot, out = Snapshot.load(snapshot_dir), Path(out_dir)
+    return gather_outcomes(data_uri, snapshot, Path(baseline_dir), outcome_dirs, settings, ctx, out).best

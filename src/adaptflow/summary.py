@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from adaptflow.contracts import BaselineResult, Candidate, Evaluation, ExportResult, Registration, Snapshot
+from adaptflow.config import Settings
+from adaptflow.contracts import (
+    BaselineResult,
+    Candidate,
+    ChampionRef,
+    Evaluation,
+    ExportResult,
+    Registration,
+    Snapshot,
+)
 from adaptflow.tracking import TrackingContext
 
 
@@ -15,6 +24,26 @@ def dataset_summary(snapshot: Snapshot) -> dict[str, Any]:
         "classes": list(snapshot.class_names),
         "counts": snapshot.counts,
         "quarantined": [q.model_dump() for q in snapshot.quarantined],
+    }
+
+
+def unchanged_summary(
+    snapshot: Snapshot, reason: str, champion: ChampionRef | None, settings: Settings, ctx: TrackingContext
+) -> dict[str, Any]:
+    """The summary of a run that stopped after ingest: data and config unchanged since the champion."""
+    return {
+        "status": "unchanged",
+        "reason": reason,
+        "dataset": dataset_summary(snapshot),
+        "champion_before": champion.version if champion else None,
+        "promoted": False,
+        "registered_version": None,
+        "mlflow": {
+            "tracking_uri": ctx.tracking_uri,
+            "experiment_id": ctx.experiment_id,
+            "run_id": ctx.parent_run_id,
+            "model_name": settings.registry.model_name,
+        },
     }
 
 

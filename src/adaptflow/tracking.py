@@ -165,11 +165,35 @@ def stage_run(ctx: TrackingContext, stage: str, tags: dict[str, str] | None = No
 
 
 def finish_pipeline_run(ctx: TrackingContext, status: str = "FINISHED") -> None:
+    end_run(ctx.tracking_uri, ctx.parent_run_id, status)
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     from mlflow.tracking import MlflowClient
 
-    if os.environ.get("MLFLOW_RUN_ID") == ctx.parent_run_id:
+    if os.environ.get("MLFLOW_RUN_ID") == run_id:
         return  # KFP owns an injected run's lifecycle
-    MlflowClient(ctx.tracking_uri).set_terminated(ctx.parent_run_id, status=status)
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+
+
+@contextmanager
+def run_lifecycle(tracking_uri: str, run_id: str, *, finish: bool = True) -> Iterator[None]:
+    """Owns how an MLflow run ends; every caller that ends a run goes through here.
+
+    The block's success ends it FINISHED (unless ``finish`` is False: a later stage ends it), an
+    interruption (Ctrl-C, or a signal handler's ``SystemExit``) KILLED, any other error FAILED; the
+    error is re-raised. A run injected by KFP's MLflow plugin is left to KFP.
+    """
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        end_run(tracking_uri, run_id, "KILLED")
+        raise
+    except BaseException:
+        end_run(tracking_uri, run_id, "FAILED")
+        raise
+    if finish:
+        end_run(tracking_uri, run_id)
 
 
 def flat_params(prefix: str, data: Mapping[str, Any]) -> dict[str, str]:

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from adaptflow.config import EvaluateConfig
-from adaptflow.contracts import ChampionRef, ManifestEntry, Preprocessing, Snapshot
+from adaptflow.config import EvaluateConfig, GateConfig
+from adaptflow.contracts import ChampionRef, Evaluation, ManifestEntry, ModelScore, Preprocessing, Snapshot
 from adaptflow.evaluation import rescore_champion
 from adaptflow.onnx_model import META_CLASSES, META_PREPROCESSING
-from adaptflow.registry import ChampionRescore, RescoreChampion
+from adaptflow.registry import ChampionRescore, PromotionInputs, RescoreChampion
+from factories import export_result, model_score
 
 CLASSES = ("even", "odd")
 TEST_IMAGES = 100
@@ -28,6 +29,8 @@ SIZE = 4
 STEP = 2  # grey level of image i is STEP * i: distinct after uint8 rounding
 PREPROCESSING = Preprocessing(input_size=SIZE, resize_size=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 EVALUATE = EvaluateConfig(bootstrap_samples=100)
+EXPORT = export_result(latency_ms=1.0)
+GATE = GateConfig(min_accuracy=0.0, min_delta=0.001)
 
 
 def write_test_split(folder: Path) -> Snapshot:
@@ -119,3 +122,35 @@ def rescorer(tracking_uri: str, snapshot: Snapshot) -> RescoreChampion:
         return rescore_champion(ref, snapshot, tracking_uri, EVALUATE)
 
     return rescore
+
+
+def stale_promotion(
+    tracking_uri: str,
+    model: str,
+    version: str,
+    run_id: str,
+    accuracy: float,
+    seen: ChampionRef | None,
+    seen_score: ModelScore | None,
+    snapshot: Snapshot,
+) -> PromotionInputs:
+    """What a register stage hands the gate: this version's score, and the champion it saw at evaluation."""
+    candidate = model_score("candidate", accuracy, version=None, n=len(snapshot.entries))
+    evaluation = Evaluation(
+        scores=(candidate, *([seen_score] if seen_score else [])),
+        winner="candidate",
+        winner_reason="the only candidate",
+        champion=seen,
+        test_size=len(snapshot.entries),
+        fingerprint=snapshot.fingerprint,
+    )
+    return PromotionInputs(
+        tracking_uri,
+        model,
+        version,
+        candidate,
+        evaluation,
+        EXPORT,
+        GATE,
+        {"pipeline": run_id, "register": run_id},
+    )

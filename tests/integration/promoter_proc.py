@@ -14,16 +14,12 @@ import json
 import time
 from pathlib import Path
 
-from lookup_models import register_lookup_version, rescorer
+from lookup_models import register_lookup_version, rescorer, stale_promotion
 from mlflow.tracking import MlflowClient
 
-from adaptflow.config import GateConfig, RegistryConfig
-from adaptflow.contracts import Evaluation, Snapshot
-from adaptflow.registry import PromotionInputs, get_champion, lease_for, promote_under_lease
-from factories import export_result, model_score
-
-EXPORT = export_result(latency_ms=1.0)
-GATE = GateConfig(min_accuracy=0.0, min_delta=0.001)
+from adaptflow.config import RegistryConfig
+from adaptflow.contracts import Snapshot
+from adaptflow.registry import get_champion, lease_for, promote_under_lease
 
 
 def wait_for(path: Path, timeout: float) -> None:
@@ -52,38 +48,17 @@ def main() -> None:
     version, run = register_lookup_version(client, args.model, args.experiment_id, args.score)
     rescore = rescorer(args.tracking_uri, snapshot)
     seen = get_champion(args.tracking_uri, args.model)  # the stale read
-    scores = [model_score("candidate", args.score, version=None, n=len(snapshot.entries))]
-    if seen is not None:
-        champion_score = rescore(seen).score
-        assert champion_score is not None
-        scores.append(champion_score)
-    evaluation = Evaluation(
-        scores=tuple(scores),
-        winner="candidate",
-        winner_reason="race",
-        champion=seen,
-        test_size=len(snapshot.entries),
-        fingerprint=snapshot.fingerprint,
-    )
+    seen_score = rescore(seen).score if seen is not None else None
+    assert seen is None or seen_score is not None
     barrier = Path(args.barrier)
     (barrier / f"ready-{args.score}").touch()
     wait_for(barrier / "go", timeout=240)
     registry = RegistryConfig(lease_uri=args.lease_uri, lease_ttl_seconds=60, lease_wait_seconds=180)
     lease = lease_for(args.model, registry, args.workdir, args.tracking_uri, args.artifact_location or None)
-    decision, before, after = promote_under_lease(
-        PromotionInputs(
-            args.tracking_uri,
-            args.model,
-            version,
-            scores[0],
-            evaluation,
-            EXPORT,
-            GATE,
-            {"pipeline": run, "register": run},
-        ),
-        lease,
-        rescore,
+    inputs = stale_promotion(
+        args.tracking_uri, args.model, version, run, args.score, seen, seen_score, snapshot
     )
+    decision, before, after = promote_under_lease(inputs, lease, rescore)
     client.set_terminated(run)
     print(
         json.dumps(
@@ -97,7 +72,7 @@ def main() -> None:
                 "holder": lease.holder,
                 "lease": lease.uri,
                 "reasons": list(decision.reasons),
-                "seen_accuracy": scores[1].accuracy if seen else None,
+                "seen_accuracy": seen_score.accuracy if seen_score else None,
             }
         )
     )

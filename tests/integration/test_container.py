@@ -303,9 +303,9 @@ def test_kfp_lightweight_ingest_component_runs_as_a_pod_would(container: str) ->
             container,
             "python3",
             "-c",
-            "import json; from adaptflow.components import stage_components;"
+            "import json; from adaptflow.components import pipeline_components;"
             "from adaptflow.config import load_settings;"
-            "s = stage_components('unused').ingest.component_spec; c = s.implementation.container;"
+            "s = pipeline_components('unused').ingest.component_spec; c = s.implementation.container;"
             "print(json.dumps({'command': list(c.command), 'args': list(c.args),"
             "'inputs': {k: [v.type, v.default] for k, v in (s.inputs or {}).items()},"
             "'outputs': {k: v.type for k, v in (s.outputs or {}).items()},"

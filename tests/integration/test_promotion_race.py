@@ -15,22 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
-from lookup_models import register_lookup_version, rescorer, write_test_split
+from lookup_models import register_lookup_version, rescorer, stale_promotion, write_test_split
 from mlflow.tracking import MlflowClient
-from promoter_proc import EXPORT, GATE
 
-from adaptflow.contracts import Evaluation
 from adaptflow.lease import FileLease
 from adaptflow.registry import (
     CHAMPION,
     LEASE_TAG,
-    PromotionInputs,
     get_champion,
     promote_under_lease,
     read_audit,
 )
 from adaptflow.tracking import embedded_tracking_uri, ensure_experiment
-from factories import model_score
 
 pytestmark = pytest.mark.integration
 
@@ -77,24 +73,7 @@ def test_forced_interleaving_bare_alias_loses_adaptflow_does_not(tmp_path: Path)
     def promote(score: float, first: bool) -> None:
         try:
             version, run = register_lookup_version(client, "safe", experiment, score)
-            evaluation = Evaluation(
-                scores=(model_score("candidate", score, n=100), stale_score),
-                winner="candidate",
-                winner_reason="r",
-                champion=stale,
-                test_size=100,
-                fingerprint=snapshot.fingerprint,
-            )
-            inputs = PromotionInputs(
-                uri,
-                "safe",
-                version,
-                model_score("candidate", score, n=100),
-                evaluation,
-                EXPORT,
-                GATE,
-                {"pipeline": run, "register": run},
-            )
+            inputs = stale_promotion(uri, "safe", version, run, score, stale, stale_score, snapshot)
             if not first:
                 assert a_done.wait(60)  # force the interleaving: B moves after A, with its stale evaluation
             decision, _, _ = promote_under_lease(inputs, FileLease(lease_path), rescore)

@@ -8,15 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from lookup_models import register_lookup_version, rescorer, write_test_split
+from lookup_models import register_lookup_version, rescorer, stale_promotion, write_test_split
 from mlflow.tracking import MlflowClient
-from promoter_proc import EXPORT, GATE
 
-from adaptflow.contracts import Evaluation
 from adaptflow.lease import FileLease
-from adaptflow.registry import CHAMPION, PromotionInputs, get_champion, promote_under_lease
+from adaptflow.registry import CHAMPION, get_champion, promote_under_lease
 from adaptflow.tracking import embedded_tracking_uri, ensure_experiment
-from factories import model_score
 
 pytestmark = pytest.mark.integration
 
@@ -37,17 +34,7 @@ def test_a_moved_champion_of_other_classes_is_not_comparable(tmp_path: Path) -> 
     other, _ = register_lookup_version(client, "m", experiment, 0.9, classes=("cat", "dog"))
     client.set_registered_model_alias("m", CHAMPION, other)  # moved while this run was evaluating
     version, run = register_lookup_version(client, "m", experiment, 0.8)
-    evaluation = Evaluation(
-        scores=(model_score("candidate", 0.8, n=100), seen_score),
-        winner="candidate",
-        winner_reason="r",
-        champion=seen,
-        test_size=100,
-        fingerprint=snapshot.fingerprint,
-    )
-    inputs = PromotionInputs(
-        uri, "m", version, evaluation.scores[0], evaluation, EXPORT, GATE, {"pipeline": run, "register": run}
-    )
+    inputs = stale_promotion(uri, "m", version, run, 0.8, seen, seen_score, snapshot)
     decision, before, after = promote_under_lease(
         inputs, FileLease(tmp_path / "m.lock"), rescorer(uri, snapshot)
     )

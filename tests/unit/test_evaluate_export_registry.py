@@ -132,7 +132,7 @@ def test_registry_promotion_history_and_rollback(exported, tmp_path: Path) -> No
     from mlflow.tracking import MlflowClient
 
     from adaptflow.contracts import Candidate, Evaluation
-    from adaptflow.publish import publish_model
+    from adaptflow.publish import Publication, publish_model
     from adaptflow.registry import PromotionInputs, get_champion, promote_under_lease, read_audit, rollback
     from adaptflow.tracking import TrackingContext, embedded_tracking_uri, ensure_experiment
 
@@ -159,14 +159,16 @@ def test_registry_promotion_history_and_rollback(exported, tmp_path: Path) -> No
         )
         with mlflow.start_run(experiment_id=exp, parent_run_id=parent) as run:
             version = publish_model(
-                work / "onnx" / "model.onnx",
-                candidate,
-                snapshot,
-                evaluation,
-                export,
-                settings,
-                ctx,
-                run.info.run_id,
+                Publication(
+                    work / "onnx" / "model.onnx",
+                    candidate,
+                    snapshot,
+                    evaluation,
+                    export,
+                    settings,
+                    ctx,
+                    run.info.run_id,
+                )
             )
             decision, _, _ = promote_under_lease(
                 PromotionInputs(

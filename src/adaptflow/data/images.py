@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -74,7 +74,8 @@ class ImageStore:
         return decode_image(self.read(entry))
 
 
-def eval_transform(pre: Preprocessing) -> v2.Compose:
+def _transform(pre: Preprocessing, augment: list[Any]) -> v2.Compose:
+    """Resize, centre crop, ``augment``, then scale and normalise: one recipe for training and inference."""
     import torch
     from torchvision.transforms import v2
 
@@ -84,28 +85,22 @@ def eval_transform(pre: Preprocessing) -> v2.Compose:
             v2.ToImage(),
             v2.Resize(pre.resize_size, interpolation=interpolation, antialias=True),
             v2.CenterCrop(pre.input_size),
+            *augment,
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(pre.mean), list(pre.std)),
         ]
     )
+
+
+def eval_transform(pre: Preprocessing) -> v2.Compose:
+    return _transform(pre, [])
 
 
 def train_transform(pre: Preprocessing) -> v2.Compose:
     """Mild augmentation: small shifts/rotations and scale. No flips: they change what digits/text mean."""
-    import torch
     from torchvision.transforms import v2
 
-    interpolation = v2.InterpolationMode(pre.interpolation)
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(pre.resize_size, interpolation=interpolation, antialias=True),
-            v2.CenterCrop(pre.input_size),
-            v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1)),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(pre.mean), list(pre.std)),
-        ]
-    )
+    return _transform(pre, [v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1))])
 
 
 class ManifestDataset:

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from adaptflow.config import BackboneSpec, BaselineConfig, FinetuneConfig
+from adaptflow.config import BackboneSpec, BaselineConfig, FinetuneConfig, Settings
 from adaptflow.contracts import BaselineResult, Candidate, Snapshot
 from adaptflow.data.images import ImageStore, eval_transform, train_transform
 from adaptflow.models.factory import Classifier, build_model, count_parameters
-from adaptflow.models.weights import ResolvedWeights
+from adaptflow.models.weights import ResolvedWeights, resolve_weights
 from adaptflow.training.advisor import SignalValue, advise
 from adaptflow.training.candidates import save_candidate
 from adaptflow.training.data import make_loader
@@ -175,3 +175,16 @@ def run_baseline(
     result = BaselineResult(candidate=candidate, decision=decision)
     result.save(out_dir)
     return result
+
+
+def baseline_for(
+    snapshot: Snapshot, settings: Settings, out_dir: str | Path, store: ImageStore | None = None
+) -> BaselineResult:
+    """The baseline stage as configured: weights resolved (and cached) and features cached under the workdir."""
+    workdir = Path(settings.workdir).resolve()
+    weights = resolve_weights(settings.backbone, workdir / "cache" / "weights")
+    cache_dir = Path(settings.baseline.feature_cache_dir or workdir / "cache" / "features")
+    inputs = BaselineInputs(
+        snapshot, settings.backbone, weights, settings.baseline, settings.finetune, cache_dir, settings.seed
+    )
+    return run_baseline(inputs, out_dir, store)

@@ -1,4 +1,4 @@
-"""The six stage components (plus the Else branch's pass-through). Bodies are thin shells."""
+"""The main DAG's components, one per stage, plus the Else branches' pass-throughs: thin shells."""
 
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -147,7 +147,7 @@ def report_unchanged(
 
 
 @dataclass(frozen=True)
-class StageComponents:
+class PipelineComponents:
     ingest: Any
     baseline: Any
     finetune: Any
@@ -158,13 +158,13 @@ class StageComponents:
     report_unchanged: Any
 
 
-def stage_components(base_image: str) -> StageComponents:
+def pipeline_components(base_image: str) -> PipelineComponents:
     """Components whose image is ``base_image`` (adaptflow's own image, which already holds kfp)."""
 
     def make(func: Any) -> Any:
         return dsl.component(base_image=base_image, install_kfp_package=False)(func)
 
-    return StageComponents(
+    return PipelineComponents(
         ingest=make(ingest),
         baseline=make(baseline),
         finetune=make(finetune),
