@@ -1,22 +1,30 @@
-"""The ``adaptflow`` command: a thin shell over the library (all logic lives in ``adaptflow.*``)."""
+"""The ``adaptflow`` command: a thin shell over the library (all logic lives in ``adaptflow.*``).
+
+Every command parses its options, loads the settings once, calls one library function and prints
+the result: ``--json`` as JSON, otherwise what ``adaptflow.render`` builds from it.
+"""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from adaptflow import __version__
+from adaptflow import __version__, render
 from adaptflow.demo import TARGET_TREES
 from adaptflow.errors import AdaptflowError
 from adaptflow.logs import setup_logging
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from adaptflow.config import Settings
 
 app = typer.Typer(
     name="adaptflow",
@@ -26,6 +34,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+schedule_app = typer.Typer(help="Recurring runs on a Kubeflow Pipelines cluster.", no_args_is_help=True)
+app.add_typer(schedule_app, name="schedule")
 log = logging.getLogger("adaptflow.cli")
 
 DEMO_DATASET_HELP = "which demo target: " + ", ".join(TARGET_TREES)
@@ -37,6 +47,20 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JS
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="retrain even if data and config equal the champion's")
 ]
+ModelNameOpt = Annotated[
+    str | None, typer.Option(help="registered model name (default: registry.model_name)")
+]
+DataOpt = Annotated[str, typer.Option(help="ImageFolder dir, s3://bucket/prefix, or a .csv/.jsonl manifest")]
+ClusterDataOpt = Annotated[str, typer.Option(help="data URI the cluster can read, e.g. s3://bucket/prefix")]
+HostOpt = Annotated[
+    str, typer.Option("--host", help="KFP API endpoint, e.g. http://localhost:8080 (port-forward)")
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", help="bearer token (default: $KFP_TOKEN, the KFP SA token file, or kube config)"),
+]
+NamespaceOpt = Annotated[str | None, typer.Option("--namespace", help="KFP multi-user namespace")]
+ExperimentOpt = Annotated[str, typer.Option("--experiment", help="KFP experiment")]
 
 
 def _version(value: bool) -> None:
@@ -55,11 +79,63 @@ def main_callback(
     setup_logging(log_level.upper())
 
 
-def _emit(data: Any, as_json: bool, render: Any = None) -> None:
-    if as_json or render is None:
+def _print(renderable: RenderableType) -> None:
+    from rich.console import Console
+
+    Console().print(renderable)
+
+
+def _emit(data: Any, as_json: bool, view: Callable[[Any], RenderableType] | None = None) -> None:
+    """``--json`` (or no view): JSON on stdout; otherwise the view's rendering of ``data``."""
+    if as_json or view is None:
         typer.echo(json.dumps(data, indent=2, default=str))
     else:
-        render(data)
+        _print(view(data))
+
+
+def _load(config: Path | None, overrides: list[str], *, absolute_workdir: bool = False) -> Settings:
+    """The command's one settings load (defaults, file, --set), validated before any work starts."""
+    from adaptflow.config import load_settings
+
+    settings = load_settings(config, overrides)
+    if absolute_workdir:  # stages may run from another directory (kfp.local)
+        settings = settings.model_copy(update={"workdir": str(Path(settings.workdir).resolve())})
+    return settings
+
+
+def _tracking_uri(config: Path | None, overrides: list[str]) -> tuple[Settings, str]:
+    """The settings and the tracking store they name, checked reachable."""
+    from adaptflow.tracking import check_tracking_reachable, resolve_tracking_uri
+
+    settings = _load(config, overrides)
+    uri = resolve_tracking_uri(settings)
+    check_tracking_reachable(uri)
+    return settings, uri
+
+
+def _check_demo_dataset(name: str) -> None:
+    if name not in TARGET_TREES:
+        raise typer.BadParameter(f"--dataset must be one of {', '.join(TARGET_TREES)}, not {name!r}")
+
+
+def _with_demo_assets(
+    settings: Settings, workdir: Path, dataset: str, overrides: list[str]
+) -> tuple[Settings, str]:
+    """Makes the demo data and source backbone under ``workdir`` (once, cached); returns the settings
+    that train from that backbone, and the demo dataset's folder.
+
+    The demo backbone ranks where a ``--set`` written before the user's own would: above the config
+    file, below the user's ``--set backbone...``.
+    """
+    from adaptflow.config import parse_override
+    from adaptflow.demo import prepare_demo
+
+    assets = prepare_demo(workdir)
+    chosen = {".".join(parse_override(o)[0]) for o in overrides}
+    demo = {"weights_uri": assets.weights_uri, "sha256": assets.sha256}
+    update = {key: value for key, value in demo.items() if not {"backbone", f"backbone.{key}"} & chosen}
+    backbone = settings.backbone.model_copy(update=update)
+    return settings.model_copy(update={"backbone": backbone}), str(assets.data / dataset)
 
 
 @app.command("demo-data")
@@ -102,36 +178,25 @@ def pretrain(
     )
 
 
-def _check_demo_dataset(name: str) -> None:
-    if name not in TARGET_TREES:
-        raise typer.BadParameter(f"--dataset must be one of {', '.join(TARGET_TREES)}, not {name!r}")
-
-
-def _run_and_report(
-    data_uri: str, config: Path | None, overrides: list[str], as_json: bool, force: bool = False
-) -> dict[str, Any]:
-    from adaptflow.config import load_settings
+def _run_and_report(data_uri: str, settings: Settings, as_json: bool, force: bool) -> None:
     from adaptflow.pipelines.local import run_local
     from adaptflow.tracking import stage_timings
 
-    settings = load_settings(config, overrides)  # validation happens before any work
-    settings = load_settings(config, [*overrides, f"workdir={Path(settings.workdir).resolve()}"])
     summary = run_local(settings, data_uri, force=force)
     summary["stage_seconds"] = stage_timings(summary["mlflow"]["tracking_uri"], summary["mlflow"]["run_id"])
-    _emit(summary, as_json, _print_summary if summary["status"] == "completed" else _print_unchanged)
-    return summary
+    _emit(summary, as_json, render.run_view)
 
 
 @app.command()
 def run(
-    data: Annotated[str, typer.Option(help="ImageFolder dir, s3://bucket/prefix, or a .csv/.jsonl manifest")],
+    data: DataOpt,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
     """Run the whole DAG on one machine through kfp.local (embedded MLflow unless MLFLOW_TRACKING_URI is set)."""
-    _run_and_report(data, config, overrides or [], as_json, force)
+    _run_and_report(data, _load(config, overrides or [], absolute_workdir=True), as_json, force)
 
 
 @app.command()
@@ -146,16 +211,11 @@ def demo(
     force: ForceOpt = False,
 ) -> None:
     """The main job: demo data + pretrained source backbone (made once, cached), then the full DAG."""
-    from adaptflow.demo import prepare_demo
-
     _check_demo_dataset(dataset)
-    assets = prepare_demo(workdir.resolve())
-    base = [
-        f"workdir={workdir.resolve()}",
-        f"backbone.weights_uri={assets.weights_uri}",
-        f"backbone.sha256={assets.sha256}",
-    ]
-    _run_and_report(str(assets.data / dataset), config, base + (overrides or []), as_json, force)
+    home = workdir.resolve()
+    settings = _load(config, [f"workdir={home}", *(overrides or [])], absolute_workdir=True)
+    settings, data = _with_demo_assets(settings, home, dataset, overrides or [])
+    _run_and_report(data, settings, as_json, force)
 
 
 @app.command("compile")
@@ -172,19 +232,18 @@ def compile_cmd(
     ] = None,
 ) -> None:
     """Compile the pipeline to KFP IR YAML (every cluster.* setting lands in it)."""
-    from adaptflow.config import load_settings
     from adaptflow.pipelines import compile_pipeline
 
-    path = compile_pipeline(load_settings(config, overrides or []), output, image, fingerprint)
+    path = compile_pipeline(_load(config, overrides or []), output, image, fingerprint)
     typer.echo(str(path))
 
 
 @config_app.command("show")
 def config_show(config: ConfigOpt = None, overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
     """Print the resolved configuration (defaults, then the file, then --set)."""
-    from adaptflow.config import dump_settings, load_settings
+    from adaptflow.config import dump_settings
 
-    settings = load_settings(config, overrides or [])
+    settings = _load(config, overrides or [])
     typer.echo(json.dumps(settings.model_dump(mode="json"), indent=2) if as_json else dump_settings(settings))
 
 
@@ -196,21 +255,9 @@ def backbones() -> None:
     typer.echo("\n".join(list_backbones()))
 
 
-def _tracking_uri(config: Path | None, overrides: list[str]) -> tuple[Any, str]:
-    from adaptflow.config import load_settings
-    from adaptflow.tracking import check_tracking_reachable, resolve_tracking_uri
-
-    settings = load_settings(config, overrides)
-    uri = resolve_tracking_uri(settings)
-    check_tracking_reachable(uri)
-    return settings, uri
-
-
 @app.command()
 def history(
-    model: Annotated[
-        str | None, typer.Option(help="registered model name (default: registry.model_name)")
-    ] = None,
+    model: ModelNameOpt = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
@@ -219,36 +266,13 @@ def history(
     from adaptflow.registry import read_audit
 
     settings, uri = _tracking_uri(config, overrides or [])
-    trail = read_audit(uri, model or settings.registry.model_name)
-
-    def render(rows: list[dict[str, Any]]) -> None:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"champion history of {model or settings.registry.model_name}")
-        for col in ("time", "action", "from", "to", "accuracy", "reason"):
-            table.add_column(col)
-        for r in rows:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["time"]))
-            acc = r.get("metrics", {}).get("accuracy")
-            table.add_row(
-                when,
-                r["action"],
-                str(r.get("previous_champion") or "-"),
-                str(r["new_champion"]),
-                f"{acc:.4f}" if acc is not None else "",
-                r["reason"][:120],
-            )
-        Console().print(table)
-
-    _emit(trail, as_json, render)
+    name = model or settings.registry.model_name
+    _emit(read_audit(uri, name), as_json, lambda rows: render.history_table(rows, name))
 
 
 @app.command()
 def rollback(
-    model: Annotated[
-        str | None, typer.Option(help="registered model name (default: registry.model_name)")
-    ] = None,
+    model: ModelNameOpt = None,
     to: Annotated[
         str | None, typer.Option("--to", help="version to make champion (default: the previous one)")
     ] = None,
@@ -258,26 +282,23 @@ def rollback(
     as_json: JsonOpt = False,
 ) -> None:
     """Move `champion` back one step along the audit trail (or to --to), under the promotion lease."""
-    import mlflow
-
-    from adaptflow.registry import lease_for
-    from adaptflow.registry import rollback as do_rollback
-    from adaptflow.tracking import ensure_experiment
+    from adaptflow.registry import rollback_champion
 
     settings, uri = _tracking_uri(config, overrides or [])
     name = model or settings.registry.model_name
-    client = mlflow.MlflowClient(uri)
-    experiment_id = ensure_experiment(uri, settings.tracking.experiment, settings.workdir)
-    run = client.create_run(experiment_id, run_name=f"rollback {name}", tags={"adaptflow.stage": "rollback"})
-    artifacts = client.get_experiment(experiment_id).artifact_location
-    lease = lease_for(name, settings.registry, settings.workdir, uri, artifacts)
-    try:
-        record = do_rollback(uri, name, lease, to, run.info.run_id, reason)
-    except BaseException:
-        client.set_terminated(run.info.run_id, "FAILED")
-        raise
-    client.set_terminated(run.info.run_id)
+    record = rollback_champion(
+        uri, settings.tracking.experiment, settings.workdir, settings.registry, name, to, reason
+    )
     _emit(record.__dict__, as_json)
+
+
+def _emit_predictions(rows: list[dict[str, Any]], fmt: str, model: str) -> None:
+    if fmt == "json":
+        typer.echo(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        sys.stdout.write(render.predictions_csv(rows))
+    else:
+        _print(render.predictions_table(rows, model))
 
 
 @app.command()
@@ -300,50 +321,17 @@ def predict(
     mlflow.set_tracking_uri(uri)
     classifier = load_model(model or f"models:/{settings.registry.model_name}@champion", uri)
     rows = [p.__dict__ for p in predict_files(classifier, expand_paths(paths))]
-    fmt = "json" if as_json else output_format
-    if fmt == "json":
-        typer.echo(json.dumps(rows, indent=2))
-    elif fmt == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=["path", "label", "confidence", "error"])
-        writer.writeheader()
-        writer.writerows(rows)
-    else:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"predictions ({model or 'champion'})")
-        for col in ("path", "label", "confidence"):
-            table.add_column(col)
-        for r in rows:
-            table.add_row(
-                r["path"],
-                r["label"] or f"[red]{r['error']}",
-                f"{r['confidence']:.3f}" if r["confidence"] else "",
-            )
-        Console().print(table)
+    _emit_predictions(rows, "json" if as_json else output_format, model)
 
 
-schedule_app = typer.Typer(help="Recurring runs on a Kubeflow Pipelines cluster.", no_args_is_help=True)
-app.add_typer(schedule_app, name="schedule")
-HostOpt = Annotated[
-    str, typer.Option("--host", help="KFP API endpoint, e.g. http://localhost:8080 (port-forward)")
-]
-TokenOpt = Annotated[
-    str | None,
-    typer.Option("--token", help="bearer token (default: $KFP_TOKEN, the KFP SA token file, or kube config)"),
-]
-NamespaceOpt = Annotated[str | None, typer.Option("--namespace", help="KFP multi-user namespace")]
-ExperimentOpt = Annotated[str, typer.Option("--experiment", help="KFP experiment")]
-
-
-def _cluster_parameters(data: str, settings: Any, force: bool, version: str) -> dict[str, Any]:
+def _cluster_parameters(data: str, settings: Settings, force: bool, version: str) -> dict[str, Any]:
     return {"data_uri": data, "config_json": settings.to_json(), "force": force, "pipeline_version": version}
 
 
 @app.command()
 def submit(
     host: HostOpt,
-    data: Annotated[str, typer.Option(help="data URI the cluster can read, e.g. s3://bucket/prefix")],
+    data: ClusterDataOpt,
     experiment: ExperimentOpt = "adaptflow",
     config: ConfigOpt = None,
     overrides: SetOpt = None,
@@ -359,12 +347,11 @@ def submit(
     """Compile, upload a pipeline version and start a run on a Kubeflow Pipelines cluster."""
     import tempfile
 
-    from adaptflow.config import load_settings
     from adaptflow.kfp_client import default_version_name, resolve_token
     from adaptflow.kfp_client import submit as kfp_submit
     from adaptflow.pipelines import PIPELINE_NAME, compile_pipeline
 
-    settings = load_settings(config, overrides or [])
+    settings = _load(config, overrides or [])
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(settings, Path(tmp) / "adaptflow.yaml")
         version = version_name or default_version_name(package)
@@ -386,7 +373,7 @@ def submit(
 def schedule_create(
     host: HostOpt,
     cron: Annotated[str, typer.Option(help="6-field cron, seconds first: '0 0 3 * * 1' = Mondays 03:00")],
-    data: Annotated[str, typer.Option(help="data URI the cluster can read, e.g. s3://bucket/prefix")],
+    data: ClusterDataOpt,
     name: Annotated[str, typer.Option("--name", help="recurring run name")] = "adaptflow-retrain",
     experiment: ExperimentOpt = "adaptflow",
     config: ConfigOpt = None,
@@ -399,11 +386,10 @@ def schedule_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Schedule retraining with the latest uploaded pipeline version (upload one with `adaptflow submit`)."""
-    from adaptflow.config import load_settings
     from adaptflow.kfp_client import create_schedule, resolve_token
     from adaptflow.pipelines import PIPELINE_NAME
 
-    settings = load_settings(config, overrides or [])
+    settings = _load(config, overrides or [])
     recurring_id = create_schedule(
         host,
         pipeline_name=PIPELINE_NAME,
@@ -431,28 +417,8 @@ def schedule_list(
     """List recurring runs."""
     from adaptflow.kfp_client import list_schedules, resolve_token
 
-    rows = [
-        s.to_dict()
-        for s in list_schedules(host, experiment, namespace=namespace, existing_token=resolve_token(token))
-    ]
-
-    def render(items: list[dict[str, Any]]) -> None:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title="schedules")
-        for col in ("recurring_run_id", "name", "cron", "enabled", "max_concurrency", "no_catchup"):
-            table.add_column(col)
-        for r in items:
-            table.add_row(
-                *(
-                    str(r.get(c))
-                    for c in ("recurring_run_id", "name", "cron", "enabled", "max_concurrency", "no_catchup")
-                )
-            )
-        Console().print(table)
-
-    _emit(rows, as_json, render)
+    schedules = list_schedules(host, experiment, namespace=namespace, existing_token=resolve_token(token))
+    _emit([s.to_dict() for s in schedules], as_json, render.schedules_table)
 
 
 @schedule_app.command("delete")
@@ -467,14 +433,6 @@ def schedule_delete(
 
     delete_schedule(host, recurring_run_id, namespace=namespace, existing_token=resolve_token(token))
     typer.echo(f"deleted {recurring_run_id}")
-
-
-def _print_unchanged(s: dict[str, Any]) -> None:
-    from rich.console import Console
-
-    Console().print(
-        f"[yellow]unchanged[/]: {s['reason']}\nchampion: v{s['champion_before']}  run {s['mlflow']['run_id']}"
-    )
 
 
 @app.command()
@@ -502,91 +460,17 @@ def compare(
 ) -> None:
     """Transfer learning vs each fine-tuning strategy on one snapshot and one test split; HTML + Markdown report."""
     from adaptflow.compare import parse_strategies, run_compare
-    from adaptflow.config import load_settings
 
     names = parse_strategies(strategies)
-    extra = list(overrides or [])
-    settings = load_settings(config, extra)  # validation happens before any work
-    workdir = Path(settings.workdir).resolve()
+    settings = _load(config, overrides or [], absolute_workdir=True)
+    workdir = Path(settings.workdir)
     if demo:
-        from adaptflow.demo import prepare_demo
-
         _check_demo_dataset(dataset)
-        assets = prepare_demo(workdir)
-        extra = [f"backbone.weights_uri={assets.weights_uri}", f"backbone.sha256={assets.sha256}", *extra]
-        data = str(assets.data / dataset)
+        settings, data = _with_demo_assets(settings, workdir, dataset, overrides or [])
     if data is None:
         raise typer.BadParameter("pass --data DIR, or --demo [--dataset target-shifted]")
-    settings = load_settings(config, [*extra, f"workdir={workdir}"])
     result = run_compare(data, settings, names, out or workdir / "compare", train_per_class=train_per_class)
-
-    def render(r: Any) -> None:
-        from rich.console import Console
-        from rich.table import Table
-
-        from adaptflow.report import table_rows
-
-        rows = table_rows(r)
-        table = Table(title=f"transfer learning vs fine-tuning: {r.data_uri}")
-        for col in rows[0]:
-            table.add_column(col, justify="left" if col == "strategy" else "right")
-        for row in rows[1:]:
-            table.add_row(*row)
-        console = Console()
-        console.print(table)
-        console.print(f"[bold]best[/]: {r.best}: {r.best_reason}")
-        console.print(f"[bold]advisor[/]: {r.decision.reason}")
-        console.print(f"[bold]report[/]: {r.report_html}\n        {r.report_markdown}")
-        console.print(f"[bold]mlflow[/]: {r.tracking_uri}  run {r.run_id}")
-
-    _emit(result.model_dump(mode="json") if as_json else result, as_json, render)
-
-
-def _print_summary(s: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    def pct(x: float | None) -> str:
-        return "-" if x is None else f"{x:.4f}"
-
-    table = Table(title="adaptflow run", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    d = s["dataset"]
-    table.add_row(
-        "data",
-        f"{d['source']}\nfingerprint {d['fingerprint'][:16]}  counts {d['counts']}  quarantined {len(d['quarantined'])}",
-    )
-    b = s["baseline"]["metrics"]
-    table.add_row(
-        "baseline (transfer)",
-        f"test accuracy {pct(b['accuracy'])}  CI95 {b['accuracy_ci95'][0]:.3f}-{b['accuracy_ci95'][1]:.3f}  macro-F1 {pct(b['macro_f1'])}",
-    )
-    f = s["finetune"]
-    if f["ran"]:
-        m = f["metrics"]
-        table.add_row(
-            f"finetune ({f['strategy']})",
-            f"test accuracy {pct(m['accuracy'])}  CI95 {m['accuracy_ci95'][0]:.3f}-{m['accuracy_ci95'][1]:.3f}  macro-F1 {pct(m['macro_f1'])}",
-        )
-    table.add_row("advisor", s["advisor"]["reason"])
-    table.add_row("winner", f"{s['winner']}: {s['winner_reason']}")
-    table.add_row(
-        "champion before",
-        f"v{s['champion_before']} ({pct(s['champion_before_accuracy'])})" if s["champion_before"] else "none",
-    )
-    table.add_row("registered", f"{s['model_uri']}")
-    verdict = "[green]PROMOTED to champion" if s["promoted"] else "[yellow]not promoted"
-    table.add_row("gate", verdict + "\n" + "\n".join(f"- {r}" for r in s["gate"]["reasons"]))
-    o = s["onnx"]
-    table.add_row(
-        "onnx",
-        f"max |ort - torch| {o['max_abs_diff']:.2e} (tol {o['tolerance']:.0e}), p50 {o['latency_ms_p50']:.2f} ms",
-    )
-    table.add_row("mlflow", f"{s['mlflow']['tracking_uri']}  run {s['mlflow']['run_id']}")
-    if s.get("stage_seconds"):
-        table.add_row("stage seconds", "  ".join(f"{k} {v:.1f}" for k, v in s["stage_seconds"].items()))
-    Console().print(table)
+    _emit(result.model_dump(mode="json") if as_json else result, as_json, render.compare_view)
 
 
 def main() -> None:
@@ -595,7 +479,7 @@ def main() -> None:
     try:
         app()
     except (AdaptflowError, OSError) as error:
-        from adaptflow.steps import describe_error
+        from adaptflow.errors import describe_error
 
         message, hint = describe_error(error)
         if isinstance(error, OSError) and hint is None:
