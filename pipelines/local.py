@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import logging
@@ -10,91 +11,104 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from adaptflow.pipelines.kfp_local_compat import kfp_local_fixes
+
 from adaptflow.config import Settings
 from adaptflow.errors import AdaptflowError
-from adaptflow.steps import SUMMARY_FILE
-from adaptflow.tracking import finish_pipeline_run, start_pipeline_run
+from adaptflow.steps import ERROR_FILE_ENV, SUMMARY_FILE
+from adaptflow.tracking import run_lifecycle, start_pipeline_run
 
 log = logging.getLogger(__name__)
 
 
-def patch_kfp_local_oneof_artifacts() -> None:
-    """kfp 2.17's local orchestrator resolves ``dsl.OneOf`` for parameters but not for artifacts.
+@contextlib.contextmanager
+def _env_var(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
-    This mirrors its parameter logic for artifact selectors: take the one branch that produced
-    an output. It only touches the local orchestrator; compiled IR and clusters are unaffected.
+
+@contextlib.contextmanager
+def _kfp_local_noise_hidden() -> Iterator[None]:
+    """Hide the two kfp.local warnings that are expected here; every other warning still shows."""
+    with warnings.catch_warnings():
+        # adaptflow's base_image is its own image, not "python:*"; use_venv=False runs in this environment.
+        warnings.filterwarnings(
+            "ignore", "You may be attem.* non-Python base image", RuntimeWarning, r"kfp\.local\."
+        )
+        # CPU/memory/GPU limits in the IR are for the cluster; the local runner ignores them.
+        warnings.filterwarnings(
+            "ignore",
+            r"Task .*: settings .* have no effect in the current local runner",
+            UserWarning,
+            r"kfp\.local\.",
+        )
+        yield
+
+
+@contextlib.contextmanager
+def _builtin_print_kept() -> Iterator[None]:
+    # kfp.local runs ParallelFor iterations in threads, each swapping builtins.print for an indenting
+    # one and back (kfp.local.logging_utils.indented_print); interleaved, the last restore can leave
+    # an indenting print behind in this process.
+    original = builtins.print
+    try:
+        yield
+    finally:
+        builtins.print = original
+
+
+@contextlib.contextmanager
+def kfp_local_run(pipeline_root: Path, error_file: Path | None = None) -> Iterator[None]:
+    """kfp.local set up for adaptflow for the block; nothing it changes in this process outlives it.
+
+    Inside: ``local.init`` with ``SubprocessRunner(use_venv=False)``, the kfp.local fixes
+    (:mod:`adaptflow.pipelines.kfp_local_compat`), ``$ADAPTFLOW_ERROR_FILE`` (components run in
+    subprocesses that inherit it), stdout sent to stderr (kfp.local prints task logs on stdout; stdout
+    stays for the summary, ``--json``), and kfp.local's expected warnings hidden. After: kfp.local's
+    previous configuration, kfp's own functions, os.environ, warnings.filters, sys.stdout and
+    builtins.print are as they were.
     """
-    from kfp.local.orchestrator import orchestrator_utils as ou
-
-    if getattr(ou.OrchestratorUtils, "_adaptflow_oneof_patch", False):
-        return
-
-    def get_dag_output_artifacts(cls: Any, dag_outputs_spec: Any, io_store: Any) -> dict[str, Any]:
-        outputs: dict[str, Any] = {}
-        for key, spec in dag_outputs_spec.artifacts.items():
-            found = []
-            for selector in spec.artifact_selectors:
-                try:
-                    found.append(
-                        io_store.get_task_output(selector.producer_subtask, selector.output_artifact_key)
-                    )
-                except (KeyError, ValueError):
-                    continue  # that branch did not run
-            if len(found) != 1:
-                raise ValueError(
-                    f"dsl.OneOf output {key!r}: expected one produced artifact, got {len(found)}"
-                )
-            outputs[key] = found[0]
-        return outputs
-
-    ou.OrchestratorUtils.get_dag_output_artifacts = classmethod(get_dag_output_artifacts)
-    ou.OrchestratorUtils._adaptflow_oneof_patch = True
-
-
-def patch_kfp_local_loop_task_outputs() -> None:
-    """kfp 2.17's local ParallelFor replaces *every* upstream task-output input of a loop with the item.
-
-    ``create_parameter_loop_iteration_task_spec`` turns each ``task_output_parameter`` input of the
-    loop task into the loop item, so a loop body that also takes, say, ``ingest``'s run id gets the
-    strategy name instead. The compiled IR is right (a cluster resolves it properly); this restores
-    those inputs after kfp.local builds each iteration, except the list being iterated over.
-    """
-    from kfp.local.orchestrator import task_spec_utils as tsu
-
-    if getattr(tsu, "_adaptflow_loop_patch", False):
-        return
-    build_iteration = tsu.create_parameter_loop_iteration_task_spec
-
-    def create_parameter_loop_iteration_task_spec(
-        original_task_spec: Any, loop_item: Any, loop_task_name: str
-    ) -> Any:
-        iteration = build_iteration(original_task_spec, loop_item, loop_task_name)
-        iterated = original_task_spec.parameter_iterator.items.input_parameter
-        for name, spec in original_task_spec.inputs.parameters.items():
-            if spec.HasField("task_output_parameter") and name != iterated:
-                iteration.inputs.parameters[name].CopyFrom(spec)
-        return iteration
-
-    tsu.create_parameter_loop_iteration_task_spec = create_parameter_loop_iteration_task_spec
-    tsu._adaptflow_loop_patch = True
-
-
-def init_kfp_local(pipeline_root: Path) -> None:
-    """kfp.local with adaptflow's settings: subprocesses in this environment, the two fixes above."""
     from kfp import local
+    from kfp.local import config as local_config
 
-    patch_kfp_local_oneof_artifacts()
-    patch_kfp_local_loop_task_outputs()
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True
-    )
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_builtin_print_kept())
+        stack.enter_context(contextlib.redirect_stdout(sys.stderr))
+        stack.enter_context(_kfp_local_noise_hidden())
+        if error_file is not None:
+            stack.enter_context(_env_var(ERROR_FILE_ENV, str(error_file)))
+        stack.enter_context(kfp_local_fixes())
+        stack.callback(
+            setattr, local_config.LocalExecutionConfig, "instance", local_config.LocalExecutionConfig.instance
+        )
+        local.init(
+            runner=local.SubprocessRunner(use_venv=False),
+            pipeline_root=str(pipeline_root),
+            raise_on_error=True,
+        )
+        yield
 
 
 class PipelineFailed(AdaptflowError):
     exit_code = 1
+
+
+def _failure(error: Exception, error_file: Path) -> PipelineFailed:
+    if error_file.exists():
+        info = json.loads(error_file.read_text())
+        return PipelineFailed(f"stage {info['stage']} failed: {info['message']}", hint=info.get("hint"))
+    return PipelineFailed(f"pipeline failed: {error}", hint="the stage's log is printed above")
 
 
 def run_local(settings: Settings, data_uri: str, force: bool = False) -> dict[str, Any]:
@@ -108,15 +122,12 @@ def run_local(settings: Settings, data_uri: str, force: bool = False) -> dict[st
     root = workdir / "kfp-local"
     error_file = workdir / "runs" / attempt / "error.json"
     error_file.parent.mkdir(parents=True, exist_ok=True)
-    os.environ["ADAPTFLOW_ERROR_FILE"] = str(error_file)  # components inherit it under kfp.local
-    ctx = start_pipeline_run(settings, f"adaptflow {attempt}", {"adaptflow.data_uri": data_uri})
-    init_kfp_local(root)
     pipeline = build_pipeline(settings)
+    ctx = start_pipeline_run(settings, f"adaptflow {attempt}", {"adaptflow.data_uri": data_uri})
     started = time.perf_counter()
-    try:
-        # kfp.local prints task logs on stdout; keep stdout for the summary (--json).
-        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    # FAILED on an error, KILLED on an interrupt; a successful run is ended by the register stage.
+    with run_lifecycle(ctx.tracking_uri, ctx.parent_run_id, finish=False), kfp_local_run(root, error_file):
+        try:
             task = pipeline(
                 data_uri=data_uri,
                 config_json=settings.to_json(),
@@ -124,14 +135,8 @@ def run_local(settings: Settings, data_uri: str, force: bool = False) -> dict[st
                 force=force,
                 pipeline_version="local",
             )
-    except Exception as error:
-        finish_pipeline_run(ctx, "FAILED")
-        if error_file.exists():
-            info = json.loads(error_file.read_text())
-            raise PipelineFailed(
-                f"stage {info['stage']} failed: {info['message']}", hint=info.get("hint")
-            ) from None
-        raise PipelineFailed(f"pipeline failed: {error}", hint="the stage's log is printed above") from None
+        except Exception as error:
+            raise _failure(error, error_file) from None
     summary: dict[str, Any] = json.loads((Path(task.output.path) / SUMMARY_FILE).read_text())
     lineage = lineage_tags(ctx.tracking_uri, ctx.parent_run_id)
     summary["kfp"] = {

@@ -153,20 +153,23 @@ def default_version_name(package_path: str | Path, now: datetime | None = None) 
 
 # --------------------------------------------------------------------------- cron
 
-_MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
-_MONTHS = {m: i for i, m in enumerate(_MONTH_NAMES, start=1)}
-_DAYS = {d: i for i, d in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))}
-# name, lowest, highest, names, "?" allowed
-_CRON_FIELDS: tuple[tuple[str, int, int, dict[str, int], bool], ...] = (
-    ("seconds", 0, 59, {}, False),
-    ("minutes", 0, 59, {}, False),
-    ("hours", 0, 23, {}, False),
-    ("day-of-month", 1, 31, {}, True),
-    ("month", 1, 12, _MONTHS, False),
-    ("day-of-week", 0, 6, _DAYS, True),
+# KFP's API server checks a schedule with robfig/cron v1's ``cron.Parse``: 6 fields, seconds first, or a
+# descriptor. croniter (maintained under pallets-eco, used by Airflow) does the field checking here:
+# values, ranges, lists, steps and month/day names, seconds first through ``second_at_beginning``.
+# It also knows Quartz/Jenkins syntax robfig does not (L, W, #, H, a 7th year field), which is refused
+# below. Two small differences remain and are left to the server, which refuses them with robfig's own
+# message: croniter reads day-of-week 7 as Sunday and wraps backwards ranges (SAT-SUN, 10-2).
+_CRON_FIELDS = (  # name, the values it takes
+    ("seconds", "0-59"),
+    ("minutes", "0-59"),
+    ("hours", "0-23"),
+    ("day-of-month", "1-31 or ?"),
+    ("month", "1-12 or JAN-DEC"),
+    ("day-of-week", "0-6 or SUN-SAT, or ?"),
 )
 _DESCRIPTORS = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
 _GO_DURATION = re.compile(r"^(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
+_NOT_ROBFIG = re.compile(r"#|(?<![a-z])[lwh]+(?![a-z])", re.IGNORECASE)  # 1#2, L, 15W, 5L, H
 
 
 def _cron_error(cron: str, problem: str) -> ConfigError:
@@ -177,23 +180,23 @@ def _cron_error(cron: str, problem: str) -> ConfigError:
     )
 
 
-def _cron_value(cron: str, text: str, name: str, lo: int, hi: int, names: dict[str, int]) -> int:
-    if text.isdigit():
-        value = int(text)
-    elif text.lower() in names:
-        value = names[text.lower()]
-    else:
-        raise _cron_error(cron, f"{text!r} is not a valid {name} value")
-    if not lo <= value <= hi:
-        raise _cron_error(cron, f"{name} value {value} is out of range {lo}-{hi}")
-    return value
+def _croniter_problem(expression: str) -> str | None:
+    """croniter's objection to a seconds-first expression, or None when it accepts it."""
+    from croniter import croniter
+
+    try:
+        croniter.expand(expression, second_at_beginning=True)
+    except ValueError as exc:  # CroniterError and its subclasses are ValueErrors
+        return str(exc)
+    return None
 
 
 def validate_cron(cron: str) -> str:
     """Check a KFP cron expression (robfig/cron with seconds) and return it with single spaces.
 
-    A 5-field crontab line is refused: KFP would read its first field as seconds, so
-    ``0 3 * * 1`` would fire every second of minute 3 of every hour in January, not Mondays at 03:00.
+    A 5-field crontab line is refused: KFP would read its first field as the seconds, so
+    ``0 3 * * 1`` would run at second 0 of minute 3 of every hour, every day in January,
+    instead of Mondays at 03:00.
     """
     text = " ".join(cron.split())
     if not text:
@@ -201,7 +204,7 @@ def validate_cron(cron: str) -> str:
     if text.startswith("@"):
         if text in _DESCRIPTORS:
             return text
-        if text.startswith("@every "):
+        if text.startswith("@every "):  # robfig's own; croniter has no equivalent
             if _GO_DURATION.match(text.removeprefix("@every ").strip()):
                 return text
             raise _cron_error(cron, "@every needs a duration such as '@every 6h' or '@every 90m'")
@@ -215,24 +218,20 @@ def validate_cron(cron: str) -> str:
         )
     if len(fields) != 6:
         raise _cron_error(cron, f"it has {len(fields)} fields, expected 6")
-    for expr, (name, lo, hi, names, question_ok) in zip(fields, _CRON_FIELDS, strict=True):
-        for item in expr.split(","):
-            if not item:
-                raise _cron_error(cron, f"empty list item in the {name} field {expr!r}")
-            span, slash, step = item.partition("/")
-            if slash and (not step.isdigit() or int(step) < 1):
-                raise _cron_error(cron, f"step {step!r} in the {name} field must be a positive integer")
-            if span in ("*", "?"):
-                if span == "?" and not question_ok:
-                    raise _cron_error(
-                        cron, f"'?' is only allowed in day-of-month and day-of-week, not {name}"
-                    )
-                continue
-            first, dash, last = span.partition("-")
-            start = _cron_value(cron, first, name, lo, hi, names)
-            end = _cron_value(cron, last, name, lo, hi, names) if dash else start
-            if start > end:
-                raise _cron_error(cron, f"{name} range {span!r} runs backwards")
+    for index, (expr, (name, values)) in enumerate(zip(fields, _CRON_FIELDS, strict=True)):
+        if _NOT_ROBFIG.search(expr):
+            raise _cron_error(
+                cron,
+                f"the {name} field {expr!r} uses L, W, # or H, which Kubeflow Pipelines' scheduler lacks",
+            )
+        # Check each field alone (the others '*') so that the error names the field.
+        if _croniter_problem(" ".join(expr if i == index else "*" for i in range(6))) is not None:
+            raise _cron_error(
+                cron, f"the {name} field {expr!r} is not valid (values {values}; also *, a,b, a-b and */n)"
+            )
+    problem = _croniter_problem(text)
+    if problem is not None:
+        raise _cron_error(cron, problem)
     return text
 
 
@@ -388,7 +387,8 @@ def _find_pipeline_id(client: Any, host: str, name: str, namespace: str | None) 
         ids = ", ".join(str(p.pipeline_id) for p in matches)
         raise StoreError(
             f"{len(matches)} pipelines are named {name!r} on {host} ({ids})",
-            hint="pipeline names must be unique; delete the extra ones in the KFP UI or pick another --pipeline-name",
+            hint="`adaptflow submit` and `adaptflow schedule create` find the pipeline by its name, so it must "
+            "be unique: delete the extra ones in the KFP UI (or check --namespace)",
         )
     return str(matches[0].pipeline_id) if matches else None
 
@@ -410,7 +410,7 @@ def _require_pipeline_id(client: Any, host: str, name: str, namespace: str | Non
     if pipeline_id is None:
         raise StoreError(
             f"no pipeline named {name!r} on {host}",
-            hint="upload it first with `adaptflow submit`, or check --pipeline-name / --namespace",
+            hint="upload it first with `adaptflow submit` (same --host and --namespace), or check --namespace",
         )
     return pipeline_id
 
@@ -503,7 +503,10 @@ def submit(
             f"pipeline package {path} does not exist", hint="compile it first with `adaptflow compile`"
         )
     if not pipeline_name.strip():
-        raise ConfigError("the pipeline name is empty", hint="pass --pipeline-name adaptflow")
+        raise ConfigError(
+            "the pipeline name is empty",
+            hint="pass pipeline_name; the CLI always uses adaptflow.pipelines.PIPELINE_NAME ('adaptflow')",
+        )
     if not experiment.strip():
         raise ConfigError("the experiment name is empty", hint="pass --experiment adaptflow")
     client = connect(host, namespace=namespace, existing_token=existing_token)

@@ -2,43 +2,29 @@
 
 On Kubeflow every strategy is its own (GPU) task and ``dsl.Collected`` gathers their outcomes
 into the report task. kfp.local executes the same IR, so this runs the very DAG a cluster gets
-(with ``init_kfp_local``'s fix for kfp.local's loop-input bug, which the IR does not have).
+(with ``kfp_local_run``'s fix for kfp.local's loop-input bug, which the IR does not have).
 """
 
 from __future__ import annotations
 
-import builtins
-import contextlib
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from adaptflow.pipelines.compare import build_compare_pipeline
-from adaptflow.pipelines.local import init_kfp_local
+from adaptflow.pipelines.kfp_local_compat import kfp_local_fixes
+from adaptflow.pipelines.local import kfp_local_run
 
 from adaptflow.compare import CompareResult
 from adaptflow.config import Settings
-
-
-@contextlib.contextmanager
-def _builtin_print_kept() -> Iterator[None]:
-    original = builtins.print
-    try:
-        yield
-    finally:
-        builtins.print = original
 
 
 def test_compare_pipeline_fans_out_per_strategy_and_collects_one_report(
     tiny_settings: Settings, tiny_assets: Any, tmp_path: Path
 ) -> None:
     settings = tiny_settings
-    init_kfp_local(tmp_path / "root")
-    # kfp.local runs loop iterations in threads, each swapping builtins.print for an indenting one
-    # and back; interleaved, the last restore can leave an indenting print behind. Keep ours.
-    with contextlib.redirect_stdout(sys.stderr), _builtin_print_kept():
+    # kfp_local_run also keeps builtins.print: kfp.local's threaded loop iterations can leave theirs
+    with kfp_local_run(tmp_path / "root"):
         task = build_compare_pipeline(settings)(
             data_uri=str(tiny_assets.target_shifted),
             strategies=["linear_probe", "partial"],
@@ -66,16 +52,16 @@ def test_compare_pipeline_fans_out_per_strategy_and_collects_one_report(
     assert "report/compare.json" in artifacts and any(p.endswith(".html") for p in artifacts), artifacts
 
 
-def test_loop_iterations_keep_upstream_task_outputs(tmp_path: Path) -> None:
+def test_loop_iterations_keep_upstream_task_outputs() -> None:
     """kfp.local's loop-input bug is patched: the item replaces the loop variable, nothing else."""
     from kfp.local.orchestrator import task_spec_utils
 
     from adaptflow.config import load_settings
 
-    init_kfp_local(tmp_path / "root")
     loop = build_compare_pipeline(load_settings()).pipeline_spec.root.dag.tasks["for-loop-1"]
     assert loop.inputs.parameters["pipelinechannel--ingest-parent_run_id"].HasField("task_output_parameter")
-    iteration = task_spec_utils.create_parameter_loop_iteration_task_spec(loop, "partial", "for-loop-1")
+    with kfp_local_fixes():
+        iteration = task_spec_utils.create_parameter_loop_iteration_task_spec(loop, "partial", "for-loop-1")
     kept = iteration.inputs.parameters["pipelinechannel--ingest-parent_run_id"]
     assert kept.task_output_parameter.producer_task == "ingest"
     assert kept.task_output_parameter.output_parameter_key == "parent_run_id"

@@ -294,18 +294,26 @@ def test_schedule_needs_an_uploaded_pipeline(api: FakeKfpApi) -> None:
     ("cron", "problem"),
     [
         ("0 3 * * 1", "it has 5 fields"),
-        ("0 0 25 * * 1", "hours value 25 is out of range 0-23"),
-        ("0 0 3 * * 8", "day-of-week value 8 is out of range 0-6"),
-        ("60 0 3 * * 1", "seconds value 60 is out of range 0-59"),
-        ("0 0 3 0 * 1", "day-of-month value 0 is out of range 1-31"),
-        ("0 0 3 * 13 1", "month value 13 is out of range 1-12"),
-        ("0 0 3 * * 1 2024", "it has 7 fields, expected 6"),
-        ("0 0 3 * * FUNDAY", "'FUNDAY' is not a valid day-of-week value"),
-        ("0 0 3 10-2 * *", "day-of-month range '10-2' runs backwards"),
-        ("*/0 0 3 * * *", "step '0' in the seconds field"),
-        ("0 0 3 * * 1,", "empty list item"),
-        ("? 0 3 * * 1", "'?' is only allowed"),
+        ("0 0 25 * * 1", "the hours field '25' is not valid (values 0-23;"),
+        ("0 0 3 * * 8", "the day-of-week field '8' is not valid (values 0-6 or SUN-SAT"),
+        ("60 0 3 * * 1", "the seconds field '60' is not valid (values 0-59;"),
+        ("0 0 3 0 * 1", "the day-of-month field '0' is not valid (values 1-31"),
+        ("0 0 3 * 13 1", "the month field '13' is not valid (values 1-12 or JAN-DEC"),
+        ("0 0 3 * * 1 2024", "it has 7 fields, expected 6"),  # croniter would take a year field
+        ("0 0 3 * * FUNDAY", "the day-of-week field 'FUNDAY' is not valid"),
+        ("0 0 3 1-x * *", "the day-of-month field '1-x' is not valid"),
+        ("*/0 0 3 * * *", "the seconds field '*/0' is not valid"),
+        ("0 0 3 * * 1,", "the day-of-week field '1,' is not valid"),
+        ("? 0 3 * * 1", "the seconds field '?' is not valid"),
+        # croniter's Quartz/Jenkins extensions, which robfig/cron (KFP) does not have
+        ("0 0 3 L * *", "the day-of-month field 'L' uses L, W, # or H"),
+        ("0 0 3 15W * *", "the day-of-month field '15W' uses L, W, # or H"),
+        ("0 0 3 * * 1#2", "the day-of-week field '1#2' uses L, W, # or H"),
+        ("0 0 3 * * 5L", "the day-of-week field '5L' uses L, W, # or H"),
+        ("H 0 3 * * *", "the seconds field 'H' uses L, W, # or H"),
+        ("0 0 3 * * 1#1,2", "the day-of-week field '1#1,2' uses L, W, # or H"),
         ("@sometimes", "unknown descriptor"),
+        ("@every soon", "@every needs a duration"),
         ("", "it is empty"),
     ],
 )
@@ -327,9 +335,37 @@ def test_five_field_cron_suggests_the_six_field_form() -> None:
     assert "'0 30 3 * * 1-5'" in (err.value.hint or "")
 
 
+def test_hints_name_only_options_the_cli_has() -> None:
+    """Every ``--option`` a kfp_client message or hint mentions is an option of some adaptflow command."""
+    import typer.main
+
+    from adaptflow.cli import app
+
+    def options(command: Any) -> set[str]:  # a click Command (typer may vendor its own click)
+        names = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+        for sub in getattr(command, "commands", {}).values():
+            names |= options(sub)
+        return names
+
+    known = options(typer.main.get_command(app))
+    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", Path(kfp_client.__file__).read_text()))
+    assert mentioned, "the hints name options; the pattern found none"
+    assert mentioned <= known, f"hints name options no adaptflow command has: {sorted(mentioned - known)}"
+
+
 @pytest.mark.parametrize(
     "cron",
-    ["0 0 3 * * 1", "0 0 9 ? * 2-6", "*/15 * * * * *", "0 30 4 * * MON-FRI", "0 0 0 1 jan,jul *", "@daily"],
+    [
+        "0 0 3 * * 1",
+        "0 0 9 ? * 2-6",
+        "*/15 * * * * *",
+        "0 30 4 * * MON-FRI",
+        "0 0 0 1 jan,jul *",
+        "0 0 3 * jul,aug wed,thu",
+        "0 0 3 1-15/2 * *",
+        "@daily",
+        "@every 1h30m",
+    ],
 )
 def test_valid_cron(cron: str) -> None:
     assert kfp_client.validate_cron(f"  {cron} ") == cron
