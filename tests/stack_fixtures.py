@@ -7,6 +7,7 @@ when ``ADAPTFLOW_REQUIRE_SERVICES=1`` (tests/services.py): CI must not silently 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,26 +19,39 @@ from adaptflow.localstack import StackConfig, StackInfo, find_pg_bin_dir, stack_
 from services import require_or_skip
 
 
-@pytest.fixture(scope="session")
-def production_stack() -> Iterator[StackInfo]:
-    """A running stack on free loopback ports in a fresh folder; stopped (data and all) at the end."""
+@contextlib.contextmanager
+def fresh_stack_folder() -> Iterator[Path]:
+    """An empty folder to hold a stack root (``<folder>/stack``); whatever stack runs there is stopped
+    at the end and the folder removed. Skips without PostgreSQL."""
     if find_pg_bin_dir() is None:
         require_or_skip(
-            "PostgreSQL server binaries (initdb, postgres, pg_isready, psql) not found: "
+            "PostgreSQL server binaries (pg_ctl, initdb, postgres, pg_isready, psql) not found: "
             "apt-get install postgresql, or set ADAPTFLOW_PG_BIN"
         )
     # Not under pytest's basetemp: /tmp/pytest-of-root is mode 0700, and when the tests run as
     # root PostgreSQL runs as an unprivileged user who must be able to enter the stack folder.
     base = Path(tempfile.mkdtemp(prefix="adaptflow-stack-"))
     base.chmod(0o755)
-    cfg = StackConfig(root=base / "stack", startup_timeout_s=120.0)
     try:
-        yield stack_up(cfg)
+        yield base
     finally:
         try:
-            stack_down(cfg)
+            stack_down(StackConfig(root=base / "stack"))
         finally:
             shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def stack_folder() -> Iterator[Path]:
+    with fresh_stack_folder() as base:
+        yield base
+
+
+@pytest.fixture(scope="session")
+def production_stack() -> Iterator[StackInfo]:
+    """A running stack on free loopback ports in a fresh folder; stopped (data and all) at the end."""
+    with fresh_stack_folder() as base:
+        yield stack_up(StackConfig(root=base / "stack", startup_timeout_s=120.0))
 
 
 @pytest.fixture

@@ -1,19 +1,24 @@
 """The production-like stack: MLflow on PostgreSQL with artifacts in (moto) S3, and nothing lost
-across a stop and a start. Also: unreachable stores fail with errors that name them."""
+across a stop and a start; nothing left running after a stop or a failed start. Also: a stack that
+cannot start, and unreachable stores, fail with errors that name them."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from adaptflow import localstack
 from adaptflow.errors import StoreError
-from adaptflow.localstack import StackInfo, check_s3_reachable, stack_status
+from adaptflow.localstack import StackConfig, StackInfo, check_s3_reachable, stack_status, stack_up
 from adaptflow.tracking import check_tracking_reachable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,6 +39,29 @@ def _exports(stdout: str) -> dict[str, str]:
     lines = [line for line in stdout.splitlines() if line.strip()]
     assert all(line.startswith("export ") for line in lines), stdout
     return dict(line.removeprefix("export ").split("=", 1) for line in lines)
+
+
+def _processes_mentioning(text: str, grace_s: float = 5.0) -> list[str]:
+    """Processes whose command line holds ``text``, after waiting up to ``grace_s`` for them to go."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if text in args:
+                    found.append(f"{cmdline.parent.name}: {args}")
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _artifact_keys(info: StackInfo) -> list[str]:
@@ -72,13 +100,25 @@ def test_stack_keeps_runs_artifacts_and_registry_across_restart(
     version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run_id)
     client.set_registered_model_alias(name, "champion", version.version)
 
+    s3 = info.s3_client()
+    s3.put_object(Bucket=info.data_bucket, Key="images/cat 1/ü.png", Body=b"\x89PNG")
+    s3.create_bucket(Bucket="kept-bucket")
+    big = os.urandom(9 * 1024 * 1024)  # over boto3's multipart threshold
+    (tmp_path / "big.bin").write_bytes(big)
+    s3.upload_file(str(tmp_path / "big.bin"), "kept-bucket", "big.bin")
+
     before = info.ports
+    pids = {name: s.pid for name, s in stack_status(info.config).items()}
+    assert all(pids.values()), pids
     down = _script("stack-down", info)
     assert down.stdout == ""
     assert not any(s.running for s in stack_status(info.config).values())
     with pytest.raises(StoreError):
         check_tracking_reachable(info.tracking_uri, timeout=2.0)
     assert (info.config.snapshot_dir / "COMPLETE").is_file()
+    # Nothing left: not the supervisor, not moto, not PostgreSQL, not mlflow's workers (its group).
+    assert _processes_mentioning(str(info.config.root_dir)) == []
+    assert not _group_alive(pids["mlflow"])
 
     up = _script("stack-up", info)
     exported = _exports(up.stdout)
@@ -97,6 +137,9 @@ def test_stack_keeps_runs_artifacts_and_registry_across_restart(
     assert any(k.endswith(f"{run_id}/artifacts/model/weights.bin") for k in _artifact_keys(info))
     assert client.get_model_version(name, version.version).run_id == run_id
     assert client.get_model_version_by_alias(name, "champion").version == version.version
+    s3 = info.s3_client()
+    assert s3.get_object(Bucket=info.data_bucket, Key="images/cat 1/ü.png")["Body"].read() == b"\x89PNG"
+    assert s3.get_object(Bucket="kept-bucket", Key="big.bin")["Body"].read() == big
 
 
 @pytest.mark.stack
@@ -106,6 +149,62 @@ def test_stack_up_again_is_idempotent(production_stack: StackInfo) -> None:
     exported = _exports(_script("stack-up", production_stack).stdout)
     assert exported == production_stack.env
     assert {name: s.pid for name, s in stack_status(production_stack.config).items()} == pids
+
+
+@pytest.mark.stack
+@pytest.mark.integration
+def test_stack_up_on_other_ports_while_running_is_refused(production_stack: StackInfo) -> None:
+    moved = dataclasses.replace(production_stack.config, mlflow_port=_closed_port())
+    with pytest.raises(StoreError) as caught:
+        stack_up(moved)
+    assert "runs on ports" in str(caught.value)
+    assert caught.value.hint and "stack-down" in caught.value.hint
+    assert all(s.healthy for s in stack_status(production_stack.config).values())
+
+
+@pytest.mark.stack
+@pytest.mark.integration
+def test_taken_port_is_a_clear_error_and_starts_nothing(stack_folder: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = StackConfig(root=stack_folder / "stack", mlflow_port=port)
+        with pytest.raises(StoreError) as caught:
+            stack_up(cfg)
+    assert f"port {port} for mlflow is taken" in str(caught.value)
+    assert caught.value.hint and "--mlflow-port" in caught.value.hint
+    assert not (cfg.root_dir / "stack.json").exists()  # so the next start picks its ports afresh
+    assert _processes_mentioning(str(cfg.root_dir)) == []
+
+
+@pytest.mark.stack
+@pytest.mark.integration
+def test_service_that_cannot_start_is_named_and_everything_is_stopped(stack_folder: Path) -> None:
+    python = stack_folder / "python"  # the real interpreter, except that `mlflow server` fails
+    python.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *"mlflow server"*) echo "mlflow: cannot start (test)" >&2; exit 3;; esac\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    cfg = StackConfig(root=stack_folder / "stack", python=str(python), startup_timeout_s=60.0)
+    with pytest.raises(StoreError) as caught:
+        stack_up(cfg)
+    assert "mlflow did not become healthy" in str(caught.value)
+    assert caught.value.hint and "mlflow: cannot start (test)" in caught.value.hint
+    assert str(cfg.log_path("mlflow")) in caught.value.hint
+    assert not any(s.running for s in stack_status(cfg).values())
+    assert _processes_mentioning(str(cfg.root_dir)) == []
+
+
+@pytest.mark.integration
+def test_missing_postgresql_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(localstack, "find_pg_bin_dir", lambda preferred=None: None)
+    with pytest.raises(StoreError) as caught:
+        stack_up(StackConfig(root=tmp_path / "stack"))
+    assert "PostgreSQL" in str(caught.value)
+    assert caught.value.hint and "apt-get install postgresql" in caught.value.hint
 
 
 def _closed_port() -> int:
