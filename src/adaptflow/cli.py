@@ -263,7 +263,7 @@ def history(
     as_json: JsonOpt = False,
 ) -> None:
     """Print the champion audit trail: every promotion and rollback."""
-    from adaptflow.registry import read_audit
+    from adaptflow.promotion import read_audit
 
     settings, uri = _tracking_uri(config, overrides or [])
     name = model or settings.registry.model_name
@@ -282,7 +282,7 @@ def rollback(
     as_json: JsonOpt = False,
 ) -> None:
     """Move `champion` back one step along the audit trail (or to --to), under the promotion lease."""
-    from adaptflow.registry import rollback_champion
+    from adaptflow.promotion import rollback_champion
 
     settings, uri = _tracking_uri(config, overrides or [])
     name = model or settings.registry.model_name

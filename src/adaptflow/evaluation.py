@@ -20,7 +20,8 @@ from adaptflow.config import EvaluateConfig
 from adaptflow.contracts import Candidate, ChampionRef, Evaluation, ManifestEntry, ModelScore, Snapshot
 from adaptflow.data.images import ImageStore, eval_transform
 from adaptflow.onnx_model import OnnxClassifier, load_onnx_classifier
-from adaptflow.registry import ChampionRescore, download_onnx
+from adaptflow.promotion import ChampionRescore
+from adaptflow.registry import download_onnx
 from adaptflow.training.candidates import load_candidate
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,9 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlparse
 
+from adaptflow.config import RegistryConfig
 from adaptflow.errors import LeaseError
 
 log = logging.getLogger(__name__)
@@ -154,3 +156,54 @@ class S3Lease(Lease):
                 "lease %s was not ours to release any more (expired and taken over?): %s", self.uri, error
             )
         self._etag = None
+
+
+LEASE_TAG = "adaptflow.lease"
+
+
+def is_remote_tracking(tracking_uri: str) -> bool:
+    """A tracking store other processes and machines share (a server or a database), not a local file."""
+    if tracking_uri.startswith("databricks"):  # "databricks" or "databricks://profile"
+        return True
+    scheme = urlparse(tracking_uri).scheme.lower()
+    return scheme not in ("", "file", "sqlite") and len(scheme) > 1  # a one-letter scheme is a drive
+
+
+def lease_for(
+    model_name: str,
+    cfg: RegistryConfig,
+    workdir: str | Path,
+    tracking_uri: str,
+    artifact_location: str | None = None,
+) -> Lease:
+    """The lease every promoter of ``model_name`` must share.
+
+    ``registry.lease_uri`` wins: ``s3://bucket/prefix`` (conditional puts) or a folder on a shared
+    filesystem (``file:///…`` or an absolute path). Without it, S3 artifacts get a lease beside them,
+    and anything else an OS file lock under the workdir, which guards this machine only: with a
+    remote tracking server that is said as a warning, since a pod or laptop elsewhere would not wait.
+    """
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
+    ttl, wait = cfg.lease_ttl_seconds, cfg.lease_wait_seconds
+    location = cfg.lease_uri
+    if location is None and artifact_location and artifact_location.startswith("s3://"):
+        location = artifact_location.rstrip("/") + "/_leases"
+    if location is not None and location.startswith("s3://"):
+        from adaptflow.storage import split_s3
+
+        bucket, prefix = split_s3(location)
+        return S3Lease(bucket, f"{prefix.strip('/')}/{safe}.json".lstrip("/"), ttl, wait)
+    if location is not None:
+        folder = Path(urlparse(location).path if location.startswith("file:") else location)
+        return FileLease(folder / f"{safe}.lock", ttl, wait)
+    lease = FileLease(Path(workdir) / "locks" / f"{safe}.lock", ttl, wait)
+    if is_remote_tracking(tracking_uri):
+        log.warning(
+            "promotion of %s is guarded only on this machine (%s): promoters elsewhere sharing %s "
+            "would not wait for it; set registry.lease_uri=s3://BUCKET/PREFIX (or a shared folder) "
+            "so every promoter takes the same lease",
+            model_name,
+            lease.uri,
+            tracking_uri,
+        )
+    return lease

@@ -1,5 +1,5 @@
 """The register stage: the winner logged as an MLflow ONNX model, registered with lineage tags, and
-put through the promotion gate under the lease (:mod:`adaptflow.registry`)."""
+put through the promotion gate under the lease (:mod:`adaptflow.promotion`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import numpy as np
 
 from adaptflow.config import Settings
 from adaptflow.contracts import Candidate, ChampionRef, Evaluation, ExportResult, Registration, Snapshot
-from adaptflow.registry import CHALLENGER, ChampionRescore, PromotionInputs, lease_for, promote_under_lease
+from adaptflow.lease import lease_for
+from adaptflow.promotion import ChampionRescore, PromotionInputs, promote_under_lease
+from adaptflow.registry import CHALLENGER
 from adaptflow.tracking import TrackingContext, git_commit, lineage_tags
 
 

@@ -20,7 +20,7 @@ from adaptflow.config import EvaluateConfig, GateConfig
 from adaptflow.contracts import ChampionRef, Evaluation, ManifestEntry, ModelScore, Preprocessing, Snapshot
 from adaptflow.evaluation import rescore_champion
 from adaptflow.onnx_model import META_CLASSES, META_PREPROCESSING
-from adaptflow.registry import ChampionRescore, PromotionInputs, RescoreChampion
+from adaptflow.promotion import ChampionRescore, PromotionInputs, RescoreChampion
 from factories import export_result, model_score
 
 CLASSES = ("even", "odd")

@@ -19,7 +19,9 @@ from mlflow.tracking import MlflowClient
 
 from adaptflow.config import RegistryConfig
 from adaptflow.contracts import Snapshot
-from adaptflow.registry import get_champion, lease_for, promote_under_lease
+from adaptflow.lease import lease_for
+from adaptflow.promotion import promote_under_lease
+from adaptflow.registry import get_champion
 
 
 def wait_for(path: Path, timeout: float) -> None:

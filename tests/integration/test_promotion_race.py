@@ -18,14 +18,9 @@ import pytest
 from lookup_models import register_lookup_version, rescorer, stale_promotion, write_test_split
 from mlflow.tracking import MlflowClient
 
-from adaptflow.lease import FileLease
-from adaptflow.registry import (
-    CHAMPION,
-    LEASE_TAG,
-    get_champion,
-    promote_under_lease,
-    read_audit,
-)
+from adaptflow.lease import LEASE_TAG, FileLease
+from adaptflow.promotion import promote_under_lease, read_audit
+from adaptflow.registry import CHAMPION, get_champion
 from adaptflow.tracking import embedded_tracking_uri, ensure_experiment
 
 pytestmark = pytest.mark.integration

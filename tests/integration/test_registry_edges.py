@@ -12,7 +12,8 @@ from lookup_models import register_lookup_version, rescorer, stale_promotion, wr
 from mlflow.tracking import MlflowClient
 
 from adaptflow.lease import FileLease
-from adaptflow.registry import CHAMPION, get_champion, promote_under_lease
+from adaptflow.promotion import promote_under_lease
+from adaptflow.registry import CHAMPION, get_champion
 from adaptflow.tracking import embedded_tracking_uri, ensure_experiment
 
 pytestmark = pytest.mark.integration

@@ -72,7 +72,7 @@ def test_pipeline_predict_rollback_against_the_stack(
 ) -> None:  # type: ignore[no-untyped-def]
     from mlflow.tracking import MlflowClient
 
-    from adaptflow.registry import LEASE_TAG
+    from adaptflow.lease import LEASE_TAG
 
     s3 = production_stack.s3_client()
     bucket = production_stack.data_bucket

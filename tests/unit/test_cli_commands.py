@@ -19,7 +19,8 @@ from adaptflow.cli import app
 from adaptflow.config import Settings, load_settings
 from adaptflow.demo import DemoAssets
 from adaptflow.errors import ConfigError, StoreError
-from adaptflow.registry import CHAMPION, AuditRecord, get_champion, read_audit, rollback_champion
+from adaptflow.promotion import AuditRecord, read_audit, rollback_champion
+from adaptflow.registry import CHAMPION, get_champion
 from adaptflow.tracking import embedded_tracking_uri, ensure_experiment
 
 SHA = "c0ffee" * 10 + "abcd"
@@ -235,14 +236,14 @@ def test_a_refused_rollback_fails_its_run(registry: Any) -> None:
 
 
 def test_an_interrupted_rollback_kills_its_run(registry: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import adaptflow.registry
+    import adaptflow.promotion
 
     workdir, uri, client = registry
 
     def interrupted(*args: Any, **kwargs: Any) -> AuditRecord:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(adaptflow.registry, "rollback", interrupted)
+    monkeypatch.setattr(adaptflow.promotion, "rollback", interrupted)
     with pytest.raises(KeyboardInterrupt):
         rollback_champion(uri, "adaptflow", workdir, Settings().registry, "m", "1")
     (run,) = _rollback_runs(client)

@@ -13,7 +13,7 @@ from adaptflow.evaluation import ChampionModel, choose_winner, evaluate, mcnemar
 from adaptflow.export import export_onnx
 from adaptflow.lease import FileLease
 from adaptflow.onnx_model import load_onnx_classifier
-from adaptflow.registry import decide_gate
+from adaptflow.promotion import decide_gate
 from concurrency import peak_concurrency
 from factories import export_result, model_score
 
@@ -132,8 +132,9 @@ def test_registry_promotion_history_and_rollback(exported, tmp_path: Path) -> No
     from mlflow.tracking import MlflowClient
 
     from adaptflow.contracts import Candidate, Evaluation
+    from adaptflow.promotion import PromotionInputs, promote_under_lease, read_audit, rollback
     from adaptflow.publish import Publication, publish_model
-    from adaptflow.registry import PromotionInputs, get_champion, promote_under_lease, read_audit, rollback
+    from adaptflow.registry import get_champion
     from adaptflow.tracking import TrackingContext, embedded_tracking_uri, ensure_experiment
 
     settings, snapshot, work, export = exported
@@ -196,7 +197,7 @@ def test_registry_promotion_history_and_rollback(exported, tmp_path: Path) -> No
     assert str(client.get_model_version_by_alias(settings.registry.model_name, "challenger").version) == v2
     # force a promotion of v2 to have something to roll back
     client.set_registered_model_alias(settings.registry.model_name, "champion", v2)
-    from adaptflow.registry import AuditRecord, append_audit
+    from adaptflow.promotion import AuditRecord, append_audit
 
     append_audit(
         uri,

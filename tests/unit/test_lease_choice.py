@@ -9,8 +9,7 @@ import pytest
 
 from adaptflow.config import RegistryConfig, load_settings
 from adaptflow.errors import ConfigError
-from adaptflow.lease import FileLease, S3Lease
-from adaptflow.registry import is_remote_tracking, lease_for
+from adaptflow.lease import FileLease, S3Lease, is_remote_tracking, lease_for
 
 LOCAL = "sqlite:////tmp/x/mlflow.db"
 REMOTE = "http://mlflow.internal:5000"
@@ -47,7 +46,7 @@ def test_s3_artifacts_without_lease_uri_get_a_lease_beside_them(tmp_path: Path) 
 def test_remote_tracking_without_lease_uri_warns_and_says_how(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="adaptflow.registry"):
+    with caplog.at_level(logging.WARNING, logger="adaptflow.lease"):
         lease = lease_for("m", RegistryConfig(), tmp_path, REMOTE, "mlflow-artifacts:/1")
     assert isinstance(lease, FileLease) and lease.uri == (tmp_path / "locks" / "m.lock").resolve().as_uri()
     [record] = [r for r in caplog.records if WARNING in r.getMessage()]
@@ -55,7 +54,7 @@ def test_remote_tracking_without_lease_uri_warns_and_says_how(
 
 
 def test_embedded_store_file_lock_does_not_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="adaptflow.registry"):
+    with caplog.at_level(logging.WARNING, logger="adaptflow.lease"):
         lease_for("m", RegistryConfig(), tmp_path, LOCAL, str(tmp_path / "artifacts"))
     assert not [r for r in caplog.records if WARNING in r.getMessage()]
 

@@ -9,7 +9,7 @@ import pytest
 
 from adaptflow.config import GateConfig
 from adaptflow.evaluation import mcnemar_exact
-from adaptflow.registry import decide_gate
+from adaptflow.promotion import decide_gate
 from factories import export_result, model_score
 
 
