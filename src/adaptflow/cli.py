@@ -10,20 +10,29 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from adaptflow import __version__, render
+from adaptflow.cli_cluster import schedule_app, submit
+from adaptflow.cli_shared import (
+    ConfigOpt,
+    DataOpt,
+    ForceOpt,
+    JsonOpt,
+    ModelNameOpt,
+    SetOpt,
+    emit,
+    load,
+    print_view,
+)
 from adaptflow.demo import TARGET_TREES
 from adaptflow.errors import AdaptflowError
 from adaptflow.logs import setup_logging
 
 if TYPE_CHECKING:
-    from rich.console import RenderableType
-
     from adaptflow.config import Settings
 
 app = typer.Typer(
@@ -34,33 +43,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-schedule_app = typer.Typer(help="Recurring runs on a Kubeflow Pipelines cluster.", no_args_is_help=True)
 app.add_typer(schedule_app, name="schedule")
 log = logging.getLogger("adaptflow.cli")
 
 DEMO_DATASET_HELP = "which demo target: " + ", ".join(TARGET_TREES)
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", "-s", help="override: section.key=value (repeatable)")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
-ForceOpt = Annotated[
-    bool, typer.Option("--force", help="retrain even if data and config equal the champion's")
-]
-ModelNameOpt = Annotated[
-    str | None, typer.Option(help="registered model name (default: registry.model_name)")
-]
-DataOpt = Annotated[str, typer.Option(help="ImageFolder dir, s3://bucket/prefix, or a .csv/.jsonl manifest")]
-ClusterDataOpt = Annotated[str, typer.Option(help="data URI the cluster can read, e.g. s3://bucket/prefix")]
-HostOpt = Annotated[
-    str, typer.Option("--host", help="KFP API endpoint, e.g. http://localhost:8080 (port-forward)")
-]
-TokenOpt = Annotated[
-    str | None,
-    typer.Option("--token", help="bearer token (default: $KFP_TOKEN, the KFP SA token file, or kube config)"),
-]
-NamespaceOpt = Annotated[str | None, typer.Option("--namespace", help="KFP multi-user namespace")]
-ExperimentOpt = Annotated[str, typer.Option("--experiment", help="KFP experiment")]
 
 
 def _version(value: bool) -> None:
@@ -79,35 +65,11 @@ def main_callback(
     setup_logging(log_level.upper())
 
 
-def _print(renderable: RenderableType) -> None:
-    from rich.console import Console
-
-    Console().print(renderable)
-
-
-def _emit(data: Any, as_json: bool, view: Callable[[Any], RenderableType] | None = None) -> None:
-    """``--json`` (or no view): JSON on stdout; otherwise the view's rendering of ``data``."""
-    if as_json or view is None:
-        typer.echo(json.dumps(data, indent=2, default=str))
-    else:
-        _print(view(data))
-
-
-def _load(config: Path | None, overrides: list[str], *, absolute_workdir: bool = False) -> Settings:
-    """The command's one settings load (defaults, file, --set), validated before any work starts."""
-    from adaptflow.config import load_settings
-
-    settings = load_settings(config, overrides)
-    if absolute_workdir:  # stages may run from another directory (kfp.local)
-        settings = settings.model_copy(update={"workdir": str(Path(settings.workdir).resolve())})
-    return settings
-
-
 def _tracking_uri(config: Path | None, overrides: list[str]) -> tuple[Settings, str]:
     """The settings and the tracking store they name, checked reachable."""
     from adaptflow.tracking import check_tracking_reachable, resolve_tracking_uri
 
-    settings = _load(config, overrides)
+    settings = load(config, overrides)
     uri = resolve_tracking_uri(settings)
     check_tracking_reachable(uri)
     return settings, uri
@@ -149,7 +111,7 @@ def demo_data(
     from adaptflow.data.demo import write_demo_data
 
     data = write_demo_data(out, size=size, limit_per_class=limit_per_class)
-    _emit({"root": str(data.root), "counts": data.counts}, as_json)
+    emit({"root": str(data.root), "counts": data.counts}, as_json)
 
 
 @app.command()
@@ -166,7 +128,7 @@ def pretrain(
     from adaptflow.training.pretrain import pretrain as run_pretrain
 
     result = run_pretrain(data, backbone, out, epochs=epochs, input_size=input_size, seed=seed)
-    _emit(
+    emit(
         {
             "weights": str(result.weights_path),
             "sha256": result.sha256,
@@ -184,7 +146,7 @@ def _run_and_report(data_uri: str, settings: Settings, as_json: bool, force: boo
 
     summary = run_local(settings, data_uri, force=force)
     summary["stage_seconds"] = stage_timings(summary["mlflow"]["tracking_uri"], summary["mlflow"]["run_id"])
-    _emit(summary, as_json, render.run_view)
+    emit(summary, as_json, render.run_view)
 
 
 @app.command()
@@ -196,7 +158,7 @@ def run(
     force: ForceOpt = False,
 ) -> None:
     """Run the whole DAG on one machine through kfp.local (embedded MLflow unless MLFLOW_TRACKING_URI is set)."""
-    _run_and_report(data, _load(config, overrides or [], absolute_workdir=True), as_json, force)
+    _run_and_report(data, load(config, overrides or [], absolute_workdir=True), as_json, force)
 
 
 @app.command()
@@ -213,7 +175,7 @@ def demo(
     """The main job: demo data + pretrained source backbone (made once, cached), then the full DAG."""
     _check_demo_dataset(dataset)
     home = workdir.resolve()
-    settings = _load(config, [f"workdir={home}", *(overrides or [])], absolute_workdir=True)
+    settings = load(config, [f"workdir={home}", *(overrides or [])], absolute_workdir=True)
     settings, data = _with_demo_assets(settings, home, dataset, overrides or [])
     _run_and_report(data, settings, as_json, force)
 
@@ -234,7 +196,7 @@ def compile_cmd(
     """Compile the pipeline to KFP IR YAML (every cluster.* setting lands in it)."""
     from adaptflow.pipelines import compile_pipeline
 
-    path = compile_pipeline(_load(config, overrides or []), output, image, fingerprint)
+    path = compile_pipeline(load(config, overrides or []), output, image, fingerprint)
     typer.echo(str(path))
 
 
@@ -243,7 +205,7 @@ def config_show(config: ConfigOpt = None, overrides: SetOpt = None, as_json: Jso
     """Print the resolved configuration (defaults, then the file, then --set)."""
     from adaptflow.config import dump_settings
 
-    settings = _load(config, overrides or [])
+    settings = load(config, overrides or [])
     typer.echo(json.dumps(settings.model_dump(mode="json"), indent=2) if as_json else dump_settings(settings))
 
 
@@ -267,7 +229,7 @@ def history(
 
     settings, uri = _tracking_uri(config, overrides or [])
     name = model or settings.registry.model_name
-    _emit(read_audit(uri, name), as_json, lambda rows: render.history_table(rows, name))
+    emit(read_audit(uri, name), as_json, lambda rows: render.history_table(rows, name))
 
 
 @app.command()
@@ -289,7 +251,7 @@ def rollback(
     record = rollback_champion(
         uri, settings.tracking.experiment, settings.workdir, settings.registry, name, to, reason
     )
-    _emit(record.__dict__, as_json)
+    emit(record.__dict__, as_json)
 
 
 def _emit_predictions(rows: list[dict[str, Any]], fmt: str, model: str) -> None:
@@ -298,7 +260,7 @@ def _emit_predictions(rows: list[dict[str, Any]], fmt: str, model: str) -> None:
     elif fmt == "csv":
         sys.stdout.write(render.predictions_csv(rows))
     else:
-        _print(render.predictions_table(rows, model))
+        print_view(render.predictions_table(rows, model))
 
 
 @app.command()
@@ -324,115 +286,7 @@ def predict(
     _emit_predictions(rows, "json" if as_json else output_format, model)
 
 
-def _cluster_parameters(data: str, settings: Settings, force: bool, version: str) -> dict[str, Any]:
-    return {"data_uri": data, "config_json": settings.to_json(), "force": force, "pipeline_version": version}
-
-
-@app.command()
-def submit(
-    host: HostOpt,
-    data: ClusterDataOpt,
-    experiment: ExperimentOpt = "adaptflow",
-    config: ConfigOpt = None,
-    overrides: SetOpt = None,
-    run_name: Annotated[str | None, typer.Option(help="KFP run name")] = None,
-    version_name: Annotated[
-        str | None, typer.Option(help="pipeline version name (default: time + hash)")
-    ] = None,
-    token: TokenOpt = None,
-    namespace: NamespaceOpt = None,
-    force: ForceOpt = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Compile, upload a pipeline version and start a run on a Kubeflow Pipelines cluster."""
-    import tempfile
-
-    from adaptflow.kfp_client import default_version_name, resolve_token
-    from adaptflow.kfp_client import submit as kfp_submit
-    from adaptflow.pipelines import PIPELINE_NAME, compile_pipeline
-
-    settings = _load(config, overrides or [])
-    with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(settings, Path(tmp) / "adaptflow.yaml")
-        version = version_name or default_version_name(package)
-        result = kfp_submit(
-            host,
-            package,
-            pipeline_name=PIPELINE_NAME,
-            version_name=version,
-            experiment=experiment,
-            run_name=run_name,
-            parameters=_cluster_parameters(data, settings, force, version),
-            namespace=namespace,
-            existing_token=resolve_token(token),
-        )
-    _emit(result.to_dict(), as_json)
-
-
-@schedule_app.command("create")
-def schedule_create(
-    host: HostOpt,
-    cron: Annotated[str, typer.Option(help="6-field cron, seconds first: '0 0 3 * * 1' = Mondays 03:00")],
-    data: ClusterDataOpt,
-    name: Annotated[str, typer.Option("--name", help="recurring run name")] = "adaptflow-retrain",
-    experiment: ExperimentOpt = "adaptflow",
-    config: ConfigOpt = None,
-    overrides: SetOpt = None,
-    max_concurrency: Annotated[int, typer.Option(help="runs allowed at once")] = 1,
-    catchup: Annotated[bool, typer.Option("--catchup/--no-catchup", help="backfill missed runs")] = False,
-    replace: Annotated[bool, typer.Option(help="replace a schedule of the same name")] = False,
-    token: TokenOpt = None,
-    namespace: NamespaceOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Schedule retraining with the latest uploaded pipeline version (upload one with `adaptflow submit`)."""
-    from adaptflow.kfp_client import create_schedule, resolve_token
-    from adaptflow.pipelines import PIPELINE_NAME
-
-    settings = _load(config, overrides or [])
-    recurring_id = create_schedule(
-        host,
-        pipeline_name=PIPELINE_NAME,
-        experiment=experiment,
-        job_name=name,
-        cron=cron,
-        parameters=_cluster_parameters(data, settings, False, ""),
-        max_concurrency=max_concurrency,
-        no_catchup=not catchup,
-        namespace=namespace,
-        existing_token=resolve_token(token),
-        replace=replace,
-    )
-    _emit({"recurring_run_id": recurring_id, "name": name, "cron": cron}, as_json)
-
-
-@schedule_app.command("list")
-def schedule_list(
-    host: HostOpt,
-    experiment: Annotated[str | None, typer.Option(help="only this experiment")] = None,
-    token: TokenOpt = None,
-    namespace: NamespaceOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """List recurring runs."""
-    from adaptflow.kfp_client import list_schedules, resolve_token
-
-    schedules = list_schedules(host, experiment, namespace=namespace, existing_token=resolve_token(token))
-    _emit([s.to_dict() for s in schedules], as_json, render.schedules_table)
-
-
-@schedule_app.command("delete")
-def schedule_delete(
-    host: HostOpt,
-    recurring_run_id: Annotated[str, typer.Argument(help="id from `adaptflow schedule list`")],
-    token: TokenOpt = None,
-    namespace: NamespaceOpt = None,
-) -> None:
-    """Delete a recurring run."""
-    from adaptflow.kfp_client import delete_schedule, resolve_token
-
-    delete_schedule(host, recurring_run_id, namespace=namespace, existing_token=resolve_token(token))
-    typer.echo(f"deleted {recurring_run_id}")
+app.command()(submit)  # defined with the other cluster commands in cli_cluster
 
 
 @app.command()
@@ -462,7 +316,7 @@ def compare(
     from adaptflow.compare import parse_strategies, run_compare
 
     names = parse_strategies(strategies)
-    settings = _load(config, overrides or [], absolute_workdir=True)
+    settings = load(config, overrides or [], absolute_workdir=True)
     workdir = Path(settings.workdir)
     if demo:
         _check_demo_dataset(dataset)
@@ -470,7 +324,7 @@ def compare(
     if data is None:
         raise typer.BadParameter("pass --data DIR, or --demo [--dataset target-shifted]")
     result = run_compare(data, settings, names, out or workdir / "compare", train_per_class=train_per_class)
-    _emit(result.model_dump(mode="json") if as_json else result, as_json, render.compare_view)
+    emit(result.model_dump(mode="json") if as_json else result, as_json, render.compare_view)
 
 
 def main() -> None:
