@@ -75,6 +75,14 @@ def _tracking_uri(config: Path | None, overrides: list[str]) -> tuple[Settings, 
     return settings, uri
 
 
+def _registry(
+    model: str | None, config: Path | None, overrides: list[str] | None
+) -> tuple[Settings, str, str]:
+    """Settings, the reachable tracking store, and the model: --model or registry.model_name."""
+    settings, uri = _tracking_uri(config, overrides or [])
+    return settings, uri, model or settings.registry.model_name
+
+
 def _check_demo_dataset(name: str) -> None:
     if name not in TARGET_TREES:
         raise typer.BadParameter(f"--dataset must be one of {', '.join(TARGET_TREES)}, not {name!r}")
@@ -227,8 +235,7 @@ def history(
     """Print the champion audit trail: every promotion and rollback."""
     from adaptflow.promotion import read_audit
 
-    settings, uri = _tracking_uri(config, overrides or [])
-    name = model or settings.registry.model_name
+    _, uri, name = _registry(model, config, overrides)
     emit(read_audit(uri, name), as_json, lambda rows: render.history_table(rows, name))
 
 
@@ -246,8 +253,7 @@ def rollback(
     """Move `champion` back one step along the audit trail (or to --to), under the promotion lease."""
     from adaptflow.promotion import rollback_champion
 
-    settings, uri = _tracking_uri(config, overrides or [])
-    name = model or settings.registry.model_name
+    settings, uri, name = _registry(model, config, overrides)
     record = rollback_champion(
         uri, settings.tracking.experiment, settings.workdir, settings.registry, name, to, reason
     )
