@@ -109,18 +109,16 @@ def tiny_baseline(tiny_assets: TinyAssets, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(autouse=True)
 def _no_tracking_uri_leaks_between_tests() -> Any:
-    """``mlflow.set_tracking_uri`` (the stages call it) also exports MLFLOW_TRACKING_URI for the process;
-    each test starts from the hermetic state set at the top of this file."""
+    """``mlflow.set_tracking_uri`` (the stages call it, session fixtures too) also exports
+    MLFLOW_TRACKING_URI for the process; every test starts, and ends, in the hermetic state set at
+    the top of this file."""
     from mlflow.tracking._tracking_service import utils as mlflow_uri
 
-    saved_env = {
-        k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
-    }
-    saved_uri = mlflow_uri._tracking_uri
-    yield
-    for key, value in saved_env.items():
-        if value is None:
+    def reset() -> None:
+        for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
             os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    mlflow_uri._tracking_uri = saved_uri
+        mlflow_uri._tracking_uri = None
+
+    reset()
+    yield
+    reset()
