@@ -76,26 +76,23 @@ def run_condition(
     seed: int = 0,
     extra: tuple[str, ...] = (),
 ) -> list[Row]:
-    from adaptflow.compare import run_compare
+    from adaptflow.pipelines.local import run_compare_local
+
     from adaptflow.config import load_settings
     from adaptflow.demo import prepare_demo
 
     assets = prepare_demo(workdir)
+    per_class = (
+        () if condition.train_per_class is None else (f"ingest.train_per_class={condition.train_per_class}",)
+    )
     settings = load_settings(
-        overrides=[*overrides(workdir, assets.weights_uri, assets.sha256, epochs, seed), *extra]
+        overrides=[*overrides(workdir, assets.weights_uri, assets.sha256, epochs, seed), *per_class, *extra]
     )
     name = f"{condition.dataset}-{condition.train_per_class or 'all'}-seed{seed}" + "".join(
         f"-{o}" for o in extra
     )
-    result = run_compare(
-        str(assets.data / condition.dataset),
-        settings,
-        list(strategies),
-        workdir / "evidence" / name,
-        train_per_class=condition.train_per_class,
-        track=False,
-        report=False,
-    )
+    data = str(assets.data / condition.dataset)
+    result = run_compare_local(settings, data, list(strategies), workdir / "evidence" / name)
     shift = result.decision.signals.get("domain_shift")
     return [
         Row(

@@ -3,7 +3,8 @@
 ingest -> baseline -> dsl.ParallelFor(strategies): compare_strategy (one GPU task each)
                    -> compare_report (dsl.Collected outcomes: table, plots, HTML + Markdown)
 
-Locally, ``adaptflow compare`` runs the same steps in sequence (``adaptflow.compare.run_compare``).
+Locally, ``adaptflow compare`` runs this DAG through kfp.local (``pipelines/local.run_compare_local``),
+one strategy at a time.
 """
 
 from pathlib import Path
@@ -21,8 +22,9 @@ DEFAULT_STRATEGIES = list(FINETUNE_STRATEGIES)
 
 
 def build_compare_pipeline(
-    settings: Settings, image: str | None = None, name: str = COMPARE_PIPELINE_NAME
+    settings: Settings, image: str | None = None, name: str = COMPARE_PIPELINE_NAME, parallelism: int = 0
 ) -> Any:
+    """The compare DAG; ``parallelism`` caps the strategy tasks running at once (0: no cap)."""
     cluster = settings.cluster
     img = image or cluster.image or DEFAULT_IMAGE
     c = pipeline_components(img)
@@ -54,7 +56,7 @@ def build_compare_pipeline(
             "config_json": config_json,
             "parent_run_id": ingest.outputs["parent_run_id"],
         }
-        with dsl.ParallelFor(items=strategies, name="strategies") as strategy:
+        with dsl.ParallelFor(items=strategies, name="strategies", parallelism=parallelism) as strategy:
             task = cc.compare_strategy(strategy=strategy, fingerprint=ingest.outputs["fingerprint"], **shared)
             setup(task, "finetune", "strategy")
         outcomes = dsl.Collected(task.outputs["outcome"])

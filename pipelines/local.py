@@ -11,16 +11,17 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from adaptflow.pipelines.kfp_local_compat import kfp_local_fixes
 
 from adaptflow.config import Settings
+from adaptflow.contracts import CompareResult
 from adaptflow.errors import AdaptflowError
 from adaptflow.steps import ERROR_FILE_ENV, SUMMARY_FILE
-from adaptflow.tracking import run_lifecycle, start_pipeline_run
+from adaptflow.tracking import TrackingContext, run_lifecycle, start_pipeline_run
 
 log = logging.getLogger(__name__)
 
@@ -111,37 +112,85 @@ def _failure(error: Exception, error_file: Path) -> PipelineFailed:
     return PipelineFailed(f"pipeline failed: {error}", hint="the stage's log is printed above")
 
 
+def _attempt(settings: Settings) -> tuple[Path, Path, str]:
+    """(workdir, error file, attempt name) of one local run; the error file's folder exists."""
+    workdir = Path(settings.workdir).resolve()
+    attempt = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    error_file = workdir / "runs" / attempt / "error.json"
+    error_file.parent.mkdir(parents=True, exist_ok=True)
+    return workdir, error_file, attempt
+
+
+def _run_dag(
+    pipeline: Any, ctx: TrackingContext, workdir: Path, error_file: Path, finish: bool, **arguments: Any
+) -> Path:
+    """Runs a DAG under kfp.local; returns its output artifact's folder. The parent run ``ctx`` ends
+    FAILED on an error and KILLED on an interrupt; FINISHED on success only when ``finish``."""
+    with (
+        run_lifecycle(ctx.tracking_uri, ctx.parent_run_id, finish=finish),
+        kfp_local_run(workdir / "kfp-local", error_file),
+    ):
+        try:
+            task = pipeline(parent_run_id=ctx.parent_run_id, **arguments)
+        except Exception as error:
+            raise _failure(error, error_file) from None
+    return Path(task.output.path)
+
+
 def run_local(settings: Settings, data_uri: str, force: bool = False) -> dict[str, Any]:
     """Runs the compiled DAG locally and returns the run summary."""
     from adaptflow.pipelines.pipeline import build_pipeline
 
     from adaptflow.tracking import lineage_tags
 
-    workdir = Path(settings.workdir).resolve()
-    attempt = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    root = workdir / "kfp-local"
-    error_file = workdir / "runs" / attempt / "error.json"
-    error_file.parent.mkdir(parents=True, exist_ok=True)
-    pipeline = build_pipeline(settings)
+    workdir, error_file, attempt = _attempt(settings)
     ctx = start_pipeline_run(settings, f"adaptflow {attempt}", {"adaptflow.data_uri": data_uri})
     started = time.perf_counter()
-    # FAILED on an error, KILLED on an interrupt; a successful run is ended by the register stage.
-    with run_lifecycle(ctx.tracking_uri, ctx.parent_run_id, finish=False), kfp_local_run(root, error_file):
-        try:
-            task = pipeline(
-                data_uri=data_uri,
-                config_json=settings.to_json(),
-                parent_run_id=ctx.parent_run_id,
-                force=force,
-                pipeline_version="local",
-            )
-        except Exception as error:
-            raise _failure(error, error_file) from None
-    summary: dict[str, Any] = json.loads((Path(task.output.path) / SUMMARY_FILE).read_text())
+    # A successful run is ended by the register stage.
+    output = _run_dag(
+        build_pipeline(settings),
+        ctx,
+        workdir,
+        error_file,
+        finish=False,
+        data_uri=data_uri,
+        config_json=settings.to_json(),
+        force=force,
+        pipeline_version="local",
+    )
+    summary: dict[str, Any] = json.loads((output / SUMMARY_FILE).read_text())
     lineage = lineage_tags(ctx.tracking_uri, ctx.parent_run_id)
     summary["kfp"] = {
         "run_id": lineage.get("kfp.run_id"),
-        "pipeline_root": str(root),
+        "pipeline_root": str(workdir / "kfp-local"),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     return summary
+
+
+def run_compare_local(
+    settings: Settings, data_uri: str, strategies: Sequence[str], out_dir: str | Path
+) -> CompareResult:
+    """Runs the compare DAG locally (the cluster's ParallelFor fan-out) and copies its report to ``out_dir``.
+
+    The strategies run one at a time: on one machine they would share its cores, and each row's
+    cost figures (wall seconds, images/s, peak memory) must describe the strategy alone.
+    """
+    from adaptflow.pipelines.compare import build_compare_pipeline
+
+    from adaptflow.compare import copy_compare_output
+
+    workdir, error_file, _ = _attempt(settings)
+    tags = {"adaptflow.stage": "compare", "adaptflow.data_uri": data_uri}
+    ctx = start_pipeline_run(settings, "compare", {**tags, "adaptflow.strategies": ",".join(strategies)})
+    output = _run_dag(
+        build_compare_pipeline(settings, parallelism=1),
+        ctx,
+        workdir,
+        error_file,
+        finish=True,
+        data_uri=data_uri,
+        strategies=list(strategies),
+        config_json=settings.to_json(),
+    )
+    return copy_compare_output(output, Path(out_dir))

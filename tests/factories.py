@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from adaptflow.contracts import ExportResult, ModelScore
+from typing import Any
+
+from adaptflow.contracts import (
+    CompareResult,
+    EpochRecord,
+    ExportResult,
+    FinetuneDecision,
+    ModelScore,
+    StrategyOutcome,
+)
 
 
 def model_score(name: str, accuracy: float, *, version: str | None = "1", n: int = 200) -> ModelScore:
@@ -33,3 +42,61 @@ def export_result(passed: bool = True, latency_ms: float = 1.0) -> ExportResult:
         opset=18,
         size_bytes=1,
     )
+
+
+def strategy_outcome(
+    strategy: str, accuracy: float, trainable_params: int = 8_000_000, wall_seconds: float = 2.0
+) -> StrategyOutcome:
+    """One row of a comparison on a 20-image, two-class test split, with three epochs of curves."""
+    score = model_score(strategy, accuracy, version=None, n=20)
+    score = score.model_copy(update={"confusion_matrix": [[8, 2], [1, 9]], "macro_f1": accuracy - 0.01})
+    history = tuple(
+        EpochRecord(
+            epoch=e,
+            train_loss=1 / e,
+            train_accuracy=min(1.0, accuracy + 0.05 * e),
+            val_loss=1 / e,
+            val_accuracy=accuracy,
+            seconds=1.0,
+        )
+        for e in (1, 2, 3)
+    )
+    return StrategyOutcome(
+        strategy=strategy,
+        candidate=strategy,
+        score=score,
+        trainable_params=trainable_params,
+        total_params=11_000_000,
+        wall_seconds=wall_seconds,
+        images_per_second=100.0,
+        peak_memory_mb=900.0,
+        train_accuracy=accuracy + 0.1,
+        val_accuracy=accuracy,
+        train_val_gap=0.1,
+        best_epoch=2,
+        epochs_run=3,
+        history=history,
+        p_value_vs_baseline=None if strategy == "baseline" else 0.03,
+    )
+
+
+def compare_result(*outcomes: StrategyOutcome, **fields: Any) -> CompareResult:
+    """A comparison of ``outcomes`` (the first is the baseline; the last is best) on cat/dog images."""
+    values: dict[str, Any] = {
+        "data_uri": "/data/digits",
+        "fingerprint": "ab" * 32,
+        "class_names": ("cat", "dog"),
+        "counts": {"train": 60, "val": 20, "test": 20},
+        "min_train_images_per_class": 30,
+        "test_size": 20,
+        "decision": FinetuneDecision(
+            should_finetune=True, strategy="full", reason="fine-tune: baseline below target", signals={}
+        ),
+        "outcomes": outcomes,
+        "best": outcomes[-1].strategy,
+        "best_reason": f"{outcomes[-1].strategy} beats the baseline by +0.1000",
+        "finetune_margin": 0.01,
+        "epochs": 3,
+        "device": "cpu",
+    }
+    return CompareResult(**(values | fields))

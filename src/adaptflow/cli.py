@@ -200,11 +200,19 @@ def compile_cmd(
         str | None,
         typer.Option(help="data fingerprint known now: pinned into each cacheable task's cache key"),
     ] = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="compile the strategy comparison DAG (`adaptflow compare`)")
+    ] = False,
 ) -> None:
     """Compile the pipeline to KFP IR YAML (every cluster.* setting lands in it)."""
     from adaptflow.pipelines import compile_pipeline
+    from adaptflow.pipelines.compare import compile_compare_pipeline
 
-    path = compile_pipeline(load(config, overrides or []), output, image, fingerprint)
+    settings = load(config, overrides or [])
+    if compare:
+        path = compile_compare_pipeline(settings, output, image)
+    else:
+        path = compile_pipeline(settings, output, image, fingerprint)
     typer.echo(str(path))
 
 
@@ -311,7 +319,10 @@ def compare(
     ] = False,
     dataset: Annotated[str, typer.Option(help="with --demo: " + DEMO_DATASET_HELP)] = "target",
     train_per_class: Annotated[
-        int | None, typer.Option(help="keep N training images per class (the few-images condition)")
+        int | None,
+        typer.Option(
+            help="keep N training images per class (the few-images condition; = --set ingest.train_per_class=N)"
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="output folder (default: <workdir>/compare)")] = None,
     config: ConfigOpt = None,
@@ -319,9 +330,12 @@ def compare(
     as_json: JsonOpt = False,
 ) -> None:
     """Transfer learning vs each fine-tuning strategy on one snapshot and one test split; HTML + Markdown report."""
-    from adaptflow.compare import parse_strategies, run_compare
+    from adaptflow.compare import parse_strategies
+    from adaptflow.pipelines.local import run_compare_local
 
     names = parse_strategies(strategies)
+    if train_per_class is not None:
+        overrides = [*(overrides or []), f"ingest.train_per_class={train_per_class}"]
     settings = load(config, overrides or [], absolute_workdir=True)
     workdir = Path(settings.workdir)
     if demo:
@@ -329,7 +343,7 @@ def compare(
         settings, data = _with_demo_assets(settings, workdir, dataset, overrides or [])
     if data is None:
         raise typer.BadParameter("pass --data DIR, or --demo [--dataset target-shifted]")
-    result = run_compare(data, settings, names, out or workdir / "compare", train_per_class=train_per_class)
+    result = run_compare_local(settings, data, names, out or workdir / "compare")
     emit(result.model_dump(mode="json") if as_json else result, as_json, render.compare_view)
 
 

@@ -1,9 +1,11 @@
 """Transfer learning versus fine-tuning, measured: every strategy on one snapshot, one test split.
 
-``run_compare`` ingests once (one snapshot), trains the transfer-learning baseline once (frozen
-backbone, cached features, linear head: the reference row ``baseline``), then trains each requested
-strategy in sequence through :func:`adaptflow.training.finetune.run_finetune`, each starting from
-the baseline head (LP-FT), and scores every model on the same test split with
+The compare DAG (``pipelines/compare.py``; locally ``adaptflow compare`` runs it through kfp.local
+like ``adaptflow run``) ingests once (one snapshot), trains the transfer-learning baseline once
+(frozen backbone, cached features, linear head: the reference row ``baseline``), then trains each
+requested strategy, one ``dsl.ParallelFor`` task each (:func:`compare_one_strategy`), through
+:func:`adaptflow.training.finetune.run_finetune`, each starting from the baseline head (LP-FT). The
+report task (:func:`gather_outcomes`) scores every model on the same test split with
 :func:`adaptflow.evaluation.score` (accuracy with a bootstrap 95% interval, macro-F1) plus McNemar's
 exact test against the baseline on the very same images.
 
@@ -20,20 +22,15 @@ Cost figures per row: trainable parameters, wall seconds, training images/s, pea
 allocator peak; CPU: the process's RSS high-water mark, reset per strategy), and the train-val
 accuracy gap at the best epoch (the overfitting measure).
 
-MLflow: one parent run ``compare`` and one nested run per strategy. On a cluster the strategies
-fan out with ``dsl.ParallelFor`` (``pipelines/compare.py``), each task calling
-:func:`compare_strategy_step`; :func:`compare_report_step` gathers them.
+MLflow: one parent run ``compare`` and one nested run per stage and strategy.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -48,8 +45,8 @@ from adaptflow.contracts import (
 )
 from adaptflow.data.images import ImageStore
 from adaptflow.errors import ConfigError
-from adaptflow.stage_logs import log_compare_file, log_compare_result, log_outcome
-from adaptflow.tracking import TrackingContext, run_lifecycle
+from adaptflow.stage_logs import log_compare_file, log_compare_result
+from adaptflow.tracking import TrackingContext
 
 log = logging.getLogger(__name__)
 
@@ -67,35 +64,6 @@ def parse_strategies(text: str | Sequence[str]) -> list[str]:
             hint=f"valid strategies: {', '.join(COMPARE_STRATEGIES)} (the baseline always runs)",
         )
     return names
-
-
-def subsample_train(snapshot: Snapshot, per_class: int) -> Snapshot:
-    """The few-images condition: keep ``per_class`` training images per class (val and test unchanged).
-
-    Deterministic: within each class the images with the smallest sha256 are kept, so the subset
-    depends on the content only. The fingerprint records the subsample.
-    """
-    if per_class < 1:
-        raise ConfigError(f"train images per class must be >= 1, got {per_class}")
-    chosen: set[str] = set()
-    for label in snapshot.class_names:
-        train = sorted((e for e in snapshot.split("train") if e.label == label), key=lambda e: e.sha256)
-        chosen.update(e.uri for e in train[:per_class])
-    entries = [e for e in snapshot.entries if e.split != "train" or e.uri in chosen]  # original order
-    counts = {split: sum(1 for e in entries if e.split == split) for split in ("train", "val", "test")}
-    class_counts = {
-        split: {c: sum(1 for e in entries if e.split == split and e.label == c) for c in snapshot.class_names}
-        for split in ("train", "val", "test")
-    }
-    fingerprint = hashlib.sha256(f"{snapshot.fingerprint}|train-per-class={per_class}".encode()).hexdigest()
-    return snapshot.model_copy(
-        update={
-            "entries": tuple(entries),
-            "counts": counts,
-            "class_counts": class_counts,
-            "fingerprint": fingerprint,
-        }
-    )
 
 
 def test_labels(snapshot: Snapshot) -> np.ndarray:
@@ -230,113 +198,36 @@ def assemble(
     )
 
 
-def run_compare(
-    data_uri: str,
-    settings: Settings,
-    strategies: Sequence[str],
-    out_dir: str | Path,
-    *,
-    train_per_class: int | None = None,
-    track: bool = True,
-    report: bool = True,
-) -> CompareResult:
-    """Baseline + each strategy on one snapshot, scored on the same test split; logged and reported.
+def copy_compare_output(source: Path, out: Path) -> CompareResult:
+    """The report task's output folder copied to ``out``, its result pointing at the copied report."""
+    import shutil
 
-    ``train_per_class`` keeps that many training images per class (the few-images condition).
-    ``track=False`` skips MLflow (benchmarks); ``report=False`` skips the HTML/Markdown report.
-    """
-    from adaptflow.data.ingest import ingest
-
-    names = parse_strategies(strategies)
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    store = ImageStore()
-    snapshot = ingest(data_uri, settings.ingest)
-    if train_per_class is not None:
-        snapshot = subsample_train(snapshot, train_per_class)
-    snapshot.save(out / "snapshot")
-
-    ctx = None
-    if track:
-        from adaptflow.tracking import start_pipeline_run
-
-        ctx = start_pipeline_run(
-            settings,
-            "compare",
-            {
-                "adaptflow.stage": "compare",
-                "adaptflow.data_uri": data_uri,
-                "adaptflow.data_fingerprint": snapshot.fingerprint,
-                "adaptflow.strategies": ",".join(names),
-            },
-        )
-    with run_lifecycle(ctx.tracking_uri, ctx.parent_run_id) if ctx else contextlib.nullcontext():
-        result = _compare(data_uri, snapshot, settings, names, out, store, ctx)
-        if report:
-            result = _write_report(result, out, ctx)
-        result.save(out)
-        if ctx is not None:
-            log_compare_file(ctx, out)
+    shutil.copytree(source, out, dirs_exist_ok=True)
+    result = CompareResult.load(out)
+    pages = {"report_html": result.report_html, "report_markdown": result.report_markdown}
+    moved = {key: str(out / "report" / Path(page).name) for key, page in pages.items() if page is not None}
+    result = result.model_copy(update=moved)
+    result.save(out)
+    log.info("compare: result and report in %s", out)
     return result
 
 
-def _write_report(result: CompareResult, out: Path, ctx: TrackingContext | None) -> CompareResult:
+def _write_report(result: CompareResult, out: Path, ctx: TrackingContext) -> CompareResult:
+    from mlflow import MlflowClient
+
     from adaptflow.report import write_report
 
     html, markdown = write_report(result, out / "report")
-    if ctx is not None:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(ctx.tracking_uri)
-        for path in (html, markdown):
-            client.log_artifact(ctx.parent_run_id, str(path), "report")
-        for png in sorted((out / "report" / "plots").glob("*.png")):
-            client.log_artifact(ctx.parent_run_id, str(png), "report/plots")
+    client = MlflowClient(ctx.tracking_uri)
+    for path in (html, markdown):
+        client.log_artifact(ctx.parent_run_id, str(path), "report")
+    for png in sorted((out / "report" / "plots").glob("*.png")):
+        client.log_artifact(ctx.parent_run_id, str(png), "report/plots")
     return result.model_copy(update={"report_html": str(html), "report_markdown": str(markdown)})
 
 
-def _compare(
-    data_uri: str,
-    snapshot: Snapshot,
-    settings: Settings,
-    names: list[str],
-    out: Path,
-    store: ImageStore,
-    ctx: TrackingContext | None,
-) -> CompareResult:
-    from adaptflow.stage_logs import log_compare_baseline
-    from adaptflow.tracking import stage_run
-    from adaptflow.training.baseline import baseline_for
-
-    def stage(strategy: str, run_name: str) -> contextlib.AbstractContextManager[Any]:
-        tags = {"adaptflow.strategy": strategy}
-        return stage_run(ctx, run_name, tags) if ctx else contextlib.nullcontext()
-
-    with stage(BASELINE, BASELINE) as run:
-        baseline = baseline_for(snapshot, settings, out / "baseline", store)
-        base_score, _ = score_folder(out / "baseline" / "candidate", BASELINE, snapshot, settings, store)
-        run_id = run.info.run_id if run else None
-        outcomes = [outcome_of(BASELINE, baseline.candidate, base_score, run_id=run_id)]
-        if run is not None:
-            log_compare_baseline(settings, outcomes[0], baseline.decision)
-    for strategy in names:
-        with stage(strategy, f"compare-{strategy}") as run:
-            folder = out / "strategies" / strategy
-            outcome = compare_one_strategy(strategy, snapshot, out / "baseline", settings, folder)
-            outcome = outcome.model_copy(update={"run_id": run.info.run_id if run else None})
-            if run is not None:
-                log_outcome(outcome)
-        s = outcome.score
-        log.info(
-            "compare: %-12s test accuracy %.4f [%.4f, %.4f], %d trainable, %.1fs",
-            *(strategy, s.accuracy, *s.accuracy_ci95, outcome.trainable_params, outcome.wall_seconds),
-        )
-        outcomes.append(outcome)
-    uri, run_id = (ctx.tracking_uri, ctx.parent_run_id) if ctx else (None, None)
-    result = assemble(data_uri, snapshot, baseline, outcomes, settings, uri, run_id)
-    if ctx is not None:
-        log_compare_result(ctx, result)
-    return result
+def _strategy_rank(outcome: StrategyOutcome) -> int:
+    return COMPARE_STRATEGIES.index(outcome.strategy)
 
 
 def compare_one_strategy(
@@ -365,10 +256,17 @@ def gather_outcomes(
     out: Path,
 ) -> CompareResult:
     """The report task's stage: the ParallelFor outcomes and the baseline row, in one result and report."""
+    from adaptflow.stage_logs import log_compare_baseline
+    from adaptflow.tracking import stage_run
+
     baseline = BaselineResult.load(baseline_dir)
-    base_score, _ = score_folder(baseline_dir / "candidate", BASELINE, snapshot, settings, ImageStore())
-    outcomes = [outcome_of(BASELINE, baseline.candidate, base_score)]
-    outcomes += [StrategyOutcome.load(folder) for folder in outcome_dirs]
+    with stage_run(ctx, f"compare-{BASELINE}", {"adaptflow.strategy": BASELINE}) as run:
+        base_score, _ = score_folder(baseline_dir / "candidate", BASELINE, snapshot, settings, ImageStore())
+        base = outcome_of(BASELINE, baseline.candidate, base_score, run_id=run.info.run_id)
+        log_compare_baseline(settings, base, baseline.decision)
+    # The table's order is the strategy list's, whatever order the parallel tasks finished in.
+    rows = sorted((StrategyOutcome.load(folder) for folder in outcome_dirs), key=_strategy_rank)
+    outcomes = [base, *rows]
     result = assemble(data_uri, snapshot, baseline, outcomes, settings, ctx.tracking_uri, ctx.parent_run_id)
     result = _write_report(result, out, ctx)
     result.save(out)

@@ -13,10 +13,10 @@ from typing import Any
 import mlflow
 from adaptflow.pipelines.compare import build_compare_pipeline
 from adaptflow.pipelines.kfp_local_compat import kfp_local_fixes
-from adaptflow.pipelines.local import kfp_local_run
+from adaptflow.pipelines.local import kfp_local_run, run_compare_local
 
 from adaptflow.compare import CompareResult
-from adaptflow.config import Settings
+from adaptflow.config import Settings, load_settings
 
 
 def test_compare_pipeline_fans_out_per_strategy_and_collects_one_report(
@@ -50,6 +50,41 @@ def test_compare_pipeline_fans_out_per_strategy_and_collects_one_report(
     assert {"compare-linear_probe", "compare-partial"} <= names, names
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "report")}
     assert "report/compare.json" in artifacts and any(p.endswith(".html") for p in artifacts), artifacts
+
+
+def test_adaptflow_compare_runs_the_dag_locally_and_copies_its_report_to_out(
+    tiny_assets: Any, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    settings = load_settings(
+        overrides=[*tiny_assets.overrides(tmp_path / "work"), "finetune.epochs=1", "baseline.epochs=10"]
+    )
+    # scratch before linear_probe: the table keeps the strategy list's order, not the request's
+    result = run_compare_local(
+        settings, str(tiny_assets.target), ["scratch", "linear_probe"], tmp_path / "out"
+    )
+    assert [o.strategy for o in result.outcomes] == ["baseline", "linear_probe", "scratch"]
+    assert len({o.score.n for o in result.outcomes}) == 1 and result.test_size == result.outcomes[0].score.n
+    scratch = result.outcome("scratch")
+    assert scratch.trainable_params == scratch.total_params and scratch.p_value_vs_baseline is not None
+    assert result.outcome("linear_probe").trainable_params == result.outcome("baseline").trainable_params
+    assert CompareResult.load(tmp_path / "out") == result
+    assert result.report_html == str(tmp_path / "out" / "report" / "report.html")
+    assert Path(result.report_html).read_text().count('<img src="data:image/png;base64,') >= 3
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.run_id)
+    assert parent.info.run_name == "compare" and parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'"
+    )
+    rows = {r.info.run_name: r for r in children if r.info.run_name.startswith("compare-")}
+    assert sorted(rows) == ["compare-baseline", "compare-linear_probe", "compare-scratch"]
+    assert all("test_accuracy" in r.data.metrics for r in rows.values())
+    assert {"ingest", "baseline"} <= {r.info.run_name for r in children}  # the DAG's stages, nested
+    assert result.outcome("baseline").run_id == rows["compare-baseline"].info.run_id
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "report")}
+    assert {"report/report.html", "report/report.md"} <= artifacts
 
 
 def test_loop_iterations_keep_upstream_task_outputs() -> None:

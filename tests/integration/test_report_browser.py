@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from adaptflow.pipelines.local import run_compare_local
 
-from adaptflow.compare import run_compare
 from adaptflow.config import load_settings
 from services import require_or_skip
 
@@ -50,7 +50,9 @@ def report(tiny_assets, tmp_path_factory: pytest.TempPathFactory) -> Path:  # ty
     settings = load_settings(
         overrides=[*tiny_assets.overrides(work / "work"), "finetune.epochs=2", "baseline.epochs=10"]
     )
-    result = run_compare(str(tiny_assets.target_shifted), settings, ["linear_probe", "partial"], work / "out")
+    result = run_compare_local(
+        settings, str(tiny_assets.target_shifted), ["linear_probe", "partial"], work / "out"
+    )
     assert result.report_html is not None
     return Path(result.report_html)
 

@@ -136,30 +136,32 @@ def test_demo_refuses_a_bad_key_before_making_its_assets(
 def test_compare_demo_uses_the_settings_workdir_once(
     loads: list[Any], prepared: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import adaptflow.compare
+    import adaptflow.pipelines.local
 
-    calls: list[tuple[str, Settings, list[str], Path, int | None]] = []
+    from adaptflow.contracts import CompareResult
 
-    def fake(data: str, settings: Settings, names: list[str], out: Path, **kwargs: Any) -> Any:
-        calls.append((data, settings, names, out, kwargs["train_per_class"]))
-        return adaptflow.compare.CompareResult.model_construct(data_uri=data)
+    calls: list[tuple[Settings, str, list[str], Path]] = []
 
-    monkeypatch.setattr(adaptflow.compare, "run_compare", fake)
+    def fake(settings: Settings, data: str, names: list[str], out: Path) -> Any:
+        calls.append((settings, data, names, out))
+        return CompareResult.model_construct(data_uri=data)
+
+    monkeypatch.setattr(adaptflow.pipelines.local, "run_compare_local", fake)
     monkeypatch.setattr("adaptflow.render.compare_view", lambda result: f"compared {result.data_uri}")
     monkeypatch.chdir(tmp_path)
     result = invoke(
         "compare", "--demo", "--strategies", "partial,full", "--train-per-class", "4", "--set", "workdir=w"
     )
     assert len(loads) == 1 and prepared == [tmp_path / "w"]
-    data, settings, names, out, per_class = calls[0]
-    assert (data, names, out, per_class) == (
+    settings, data, names, out = calls[0]
+    assert (data, names, out, settings.ingest.train_per_class) == (
         str(tmp_path / "demo-data" / "target"),
         ["partial", "full"],
         tmp_path / "w" / "compare",
         4,
     )
     demo_sets = [f"backbone.weights_uri={(tmp_path / 'demo.safetensors').as_uri()}", f"backbone.sha256={SHA}"]
-    assert settings == old_style(None, [*demo_sets, "workdir=w"])
+    assert settings == old_style(None, [*demo_sets, "workdir=w", "ingest.train_per_class=4"])
     assert result.stdout.strip() == f"compared {data}"
 
 

@@ -9,9 +9,7 @@ import pytest
 from rich.console import Console, RenderableType
 
 from adaptflow import render
-from adaptflow.compare import CompareResult, StrategyOutcome
-from adaptflow.contracts import FinetuneDecision
-from factories import model_score
+from factories import compare_result, strategy_outcome
 
 SUMMARY: dict[str, Any] = {
     "status": "completed",
@@ -172,52 +170,16 @@ def test_schedules_table_has_one_row_per_schedule() -> None:
     assert len(lines) == 3
 
 
-def _outcome(strategy: str, accuracy: float) -> StrategyOutcome:
-    return StrategyOutcome(
-        strategy=strategy,
-        candidate=strategy,
-        score=model_score(strategy, accuracy, version=None, n=20),
-        trainable_params=1026 if strategy == "baseline" else 8_000_000,
-        total_params=11_000_000,
-        wall_seconds=2.0,
-        images_per_second=100.0,
-        peak_memory_mb=900.0,
-        train_accuracy=accuracy,
-        val_accuracy=accuracy,
-        train_val_gap=0.0,
-        best_epoch=2,
-        epochs_run=3,
-        history=(),
-        p_value_vs_baseline=None if strategy == "baseline" else 0.03,
-    )
-
-
-def compare_result() -> CompareResult:
-    return CompareResult(
-        data_uri="/data/digits",
-        fingerprint="ab" * 32,
-        class_names=("cat", "dog"),
-        counts={"train": 60, "val": 20, "test": 20},
-        min_train_images_per_class=30,
-        test_size=20,
-        decision=FinetuneDecision(
-            should_finetune=True, strategy="partial", reason="fine-tune: baseline below target", signals={}
-        ),
-        outcomes=(_outcome("baseline", 0.8), _outcome("partial", 0.9)),
-        best="partial",
-        best_reason="partial beats the baseline by +0.1000",
-        finetune_margin=0.01,
-        epochs=3,
-        device="cpu",
+def test_compare_view_shows_the_table_best_advisor_report_and_run() -> None:
+    result = compare_result(
+        strategy_outcome("baseline", 0.8, trainable_params=1026),
+        strategy_outcome("partial", 0.9),
         tracking_uri="sqlite:///state/mlflow.db",
         run_id="run-xyz",
         report_html="/out/report.html",
         report_markdown="/out/report.md",
     )
-
-
-def test_compare_view_shows_the_table_best_advisor_report_and_run() -> None:
-    lines = rows_of(text_of(render.compare_view(compare_result()), width=250))
+    lines = rows_of(text_of(render.compare_view(result), width=250))
     assert lines[0] == "transfer learning vs fine-tuning: /data/digits"
     assert lines[1].startswith("strategy test accuracy [95% CI] macro-F1")
     assert lines[2].startswith("baseline 0.8000 [0.780, 0.820]")

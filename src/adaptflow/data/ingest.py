@@ -247,7 +247,34 @@ def ingest(source_uri: str, cfg: IngestConfig) -> Snapshot:
         len(quarantined),
         snapshot.fingerprint[:12],
     )
-    return snapshot
+    return snapshot if cfg.train_per_class is None else subsample_train(snapshot, cfg.train_per_class)
+
+
+def subsample_train(snapshot: Snapshot, per_class: int) -> Snapshot:
+    """The few-images condition: keep ``per_class`` training images per class (val and test unchanged).
+
+    Deterministic: within each class the images with the smallest sha256 are kept, so the subset
+    depends on the content only. The fingerprint records the subsample.
+    """
+    chosen: set[str] = set()
+    for label in snapshot.class_names:
+        train = sorted((e for e in snapshot.split("train") if e.label == label), key=lambda e: e.sha256)
+        chosen.update(e.uri for e in train[:per_class])
+    entries = [e for e in snapshot.entries if e.split != "train" or e.uri in chosen]  # original order
+    counts = {split: sum(1 for e in entries if e.split == split) for split in SPLITS}
+    class_counts = {
+        split: {c: sum(1 for e in entries if e.split == split and e.label == c) for c in snapshot.class_names}
+        for split in SPLITS
+    }
+    subset = hashlib.sha256(f"{snapshot.fingerprint}|train-per-class={per_class}".encode()).hexdigest()
+    log.info("ingest: kept %d training images per class (ingest.train_per_class)", per_class)
+    update = {
+        "entries": tuple(entries),
+        "counts": counts,
+        "class_counts": class_counts,
+        "fingerprint": subset,
+    }
+    return snapshot.model_copy(update=update)
 
 
 def write_quarantine_report(snapshot: Snapshot, folder: str | Path) -> Path:
