@@ -12,12 +12,21 @@ from typing import Any
 
 from adaptflow.components import pipeline_components
 from adaptflow.components.compare import compare_components
-from adaptflow.pipelines.pipeline import DEFAULT_IMAGE, add_ingest_and_baseline, apply_cluster_settings
+from adaptflow.pipelines.pipeline import (
+    DEFAULT_IMAGE,
+    adaptflow_dag,
+    add_ingest_and_baseline,
+    apply_cluster_settings,
+)
 from kfp import compiler, dsl
 
 from adaptflow.config import FINETUNE_STRATEGIES, Settings
 
 COMPARE_PIPELINE_NAME = "adaptflow-compare"
+COMPARE_DESCRIPTION = (
+    "Every fine-tuning strategy against the transfer-learning baseline, one task per strategy, "
+    "scored on the same test split; ends in an HTML/Markdown report."
+)
 DEFAULT_STRATEGIES = list(FINETUNE_STRATEGIES)
 
 
@@ -34,12 +43,7 @@ def build_compare_pipeline(
     def setup(task: Any, stage: str, display: str) -> Any:
         return apply_cluster_settings(task, stage, cluster).set_display_name(display)
 
-    @dsl.pipeline(
-        name=name,
-        description="Every fine-tuning strategy against the transfer-learning baseline, one task per "
-        "strategy, scored on the same test split; ends in an HTML/Markdown report.",
-        pipeline_root=cluster.pipeline_root,
-    )
+    @adaptflow_dag(name, COMPARE_DESCRIPTION, cluster)
     def compare_pipeline(
         data_uri: str,
         strategies: list = DEFAULT_STRATEGIES,

@@ -25,6 +25,17 @@ DEFAULT_IMAGE = f"ghcr.io/adaptflow/adaptflow:{__version__}"
 CACHEABLE = ("baseline", "finetune", "keep_baseline", "export")
 
 
+MAIN_DESCRIPTION = (
+    "Adapt a pretrained vision backbone: transfer learning, fine-tuning when it pays, "
+    "evaluation against the champion, ONNX export, gated registry promotion."
+)
+
+
+def adaptflow_dag(name: str, description: str, cluster: ClusterConfig) -> Any:
+    """``dsl.pipeline`` for an adaptflow DAG: artifacts go under ``cluster.pipeline_root``."""
+    return dsl.pipeline(name=name, description=description, pipeline_root=cluster.pipeline_root)
+
+
 def apply_cluster_settings(task: Any, stage: str, cluster: ClusterConfig) -> Any:
     """Resources, GPUs, placement, /dev/shm, secrets, env, retries and timeouts for one task."""
     # infra/k8s's NetworkPolicy lets only pods with this label reach the MLflow server
@@ -132,12 +143,7 @@ def build_pipeline(
             )
         return task
 
-    @dsl.pipeline(
-        name=name,
-        description="Adapt a pretrained vision backbone: transfer learning, fine-tuning when it pays, "
-        "evaluation against the champion, ONNX export, gated registry promotion.",
-        pipeline_root=cluster.pipeline_root,
-    )
+    @adaptflow_dag(name, MAIN_DESCRIPTION, cluster)
     def adaptflow_pipeline(
         data_uri: str,
         config_json: str = default_config,

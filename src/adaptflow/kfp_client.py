@@ -234,8 +234,7 @@ def submit(
         )
     if not experiment.strip():
         raise ConfigError("the experiment name is empty", hint="pass --experiment adaptflow")
-    client = connect(host, namespace=namespace, existing_token=existing_token)
-    url = normalize_host(host)
+    client, url = connect(host, namespace=namespace, existing_token=existing_token)
 
     pipeline_id = _find_pipeline_id(client, url, pipeline_name, namespace)
     pipeline_created = pipeline_id is None
@@ -312,8 +311,7 @@ def create_schedule(
         )
     if not job_name.strip():
         raise ConfigError("the schedule name is empty", hint="pass --name nightly-adaptflow")
-    client = connect(host, namespace=namespace, existing_token=existing_token)
-    url = normalize_host(host)
+    client, url = connect(host, namespace=namespace, existing_token=existing_token)
 
     pipeline_id = _require_pipeline_id(client, url, pipeline_name, namespace)
     version = _latest_version(client, url, pipeline_id, pipeline_name)
@@ -364,8 +362,7 @@ def list_schedules(
     existing_token: str | None = None,
 ) -> list[ScheduleInfo]:
     """All recurring runs (of one experiment when ``experiment`` is given), following every page."""
-    client = connect(host, namespace=namespace, existing_token=existing_token)
-    url = normalize_host(host)
+    client, url = connect(host, namespace=namespace, existing_token=existing_token)
     experiment_id: str | None = None
     if experiment is not None:
         experiment_id = _find_experiment_id(client, url, experiment, namespace)
@@ -387,8 +384,8 @@ def delete_schedule(
     """Delete one recurring run; an unknown id is a StoreError."""
     if not recurring_run_id.strip():
         raise ConfigError("the schedule id is empty", hint="find ids with `adaptflow schedule list`")
-    client = connect(host, namespace=namespace, existing_token=existing_token)
-    _delete_recurring_run(client, normalize_host(host), recurring_run_id)
+    client, url = connect(host, namespace=namespace, existing_token=existing_token)
+    _delete_recurring_run(client, url, recurring_run_id)
 
 
 def _delete_recurring_run(client: Any, host: str, recurring_run_id: str) -> None:

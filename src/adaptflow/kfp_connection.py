@@ -214,8 +214,9 @@ def _preflight(host: str, token: str | None, timeout: float = _CONNECT_TIMEOUT_S
         raise StoreError(f"Kubeflow Pipelines at {host} is not healthy: {_HEALTHZ} answered HTTP {status}")
 
 
-def connect(host: str, *, namespace: str | None = None, existing_token: str | None = None) -> Any:
-    """A ``kfp.Client`` for ``host``, after a fast health check of our own (see :func:`_preflight`)."""
+def connect(host: str, *, namespace: str | None = None, existing_token: str | None = None) -> tuple[Any, str]:
+    """A ``kfp.Client`` for ``host`` and the normalised URL it talks to, after a fast health check of
+    our own (see :func:`_preflight`)."""
     import kfp
 
     url = normalize_host(host)
@@ -225,4 +226,4 @@ def connect(host: str, *, namespace: str | None = None, existing_token: str | No
         kwargs["namespace"] = namespace
     log.debug("connecting to Kubeflow Pipelines at %s (namespace=%s)", url, namespace)
     with kfp_call(url, "answer the health check"):
-        return kfp.Client(**kwargs)
+        return kfp.Client(**kwargs), url

@@ -154,16 +154,8 @@ def run_baseline(
         backbone_sha256=inputs.weights.sha256,
         class_names=classes,
         preprocessing=pre,
-        metrics={
-            **loop.best_metrics(),
-        },
-        cost=loop.cost(
-            started=start,
-            trainable=trainable,
-            total=total,
-            device=device,
-            backbone_forward_images=feats.computed,
-        ),
+        metrics=loop.best_metrics(),
+        cost=loop.cost(start, device, params=(trainable, total), backbone_forward_images=feats.computed),
         history=tuple(loop.history),
         extra={
             "features_cached": str(feats.cached),

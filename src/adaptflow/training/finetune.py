@@ -107,13 +107,7 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
             **loop.best_metrics(),
             "baseline_val_accuracy": base.metrics["val_accuracy"],
         },
-        cost=loop.cost(
-            started=start,
-            trainable=trainable,
-            total=total,
-            device=device,
-            backbone_forward_images=loop.train_images,
-        ),
+        cost=loop.cost(start, device, params=(trainable, total), backbone_forward_images=loop.train_images),
         history=tuple(loop.history),
         extra={"best_epoch": str(loop.best_epoch), "freeze_bn": str(cfg.freeze_bn)},
     )

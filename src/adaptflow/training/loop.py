@@ -50,19 +50,14 @@ class LoopResult:
         return self.train_images / self.train_seconds if self.train_seconds else None
 
     def cost(
-        self,
-        *,
-        started: float,
-        trainable: int,
-        total: int,
-        device: torch.device,
-        backbone_forward_images: int,
+        self, started: float, device: torch.device, params: tuple[int, int], backbone_forward_images: int
     ) -> CostFigures:
-        """The stage's cost: wall time since ``started`` (perf_counter), parameters, throughput, memory."""
+        """The stage's cost: wall time since ``started`` (perf_counter), (trainable, total) parameters,
+        throughput, memory, and how many images went through the backbone."""
         return CostFigures(
             wall_seconds=time.perf_counter() - started,
-            trainable_params=trainable,
-            total_params=total,
+            trainable_params=params[0],
+            total_params=params[1],
             train_images_per_second=self.images_per_second,
             peak_memory_mb=peak_memory_mb(device),
             epochs_run=len(self.history),
