@@ -36,11 +36,8 @@ class IngestConfig(Section):
     extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
     max_image_pixels: int = Field(40_000_000, gt=0, description="larger images are quarantined")
     split_salt: str = Field("adaptflow-split-v1", description="changing it reshuffles every split")
-    train_per_class: int | None = Field(
-        None,
-        ge=1,
-        description="keep N training images per class (the few-images condition); val/test unchanged",
-    )
+    # the few-images condition: val and test are unchanged
+    train_per_class: int | None = Field(None, ge=1, description="keep N training images per class")
     # S3 listing and download settings (used for s3:// sources and manifest rows).
     s3_max_attempts: int = Field(8, ge=1)
     download_workers: int = Field(8, ge=1, le=64)
