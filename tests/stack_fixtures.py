@@ -8,8 +8,11 @@ when ``ADAPTFLOW_REQUIRE_SERVICES=1`` (tests/services.py): CI must not silently 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +28,7 @@ def fresh_stack_folder() -> Iterator[Path]:
     at the end and the folder removed. Skips without PostgreSQL."""
     if find_pg_bin_dir() is None:
         require_or_skip(
-            "PostgreSQL server binaries (pg_ctl, initdb, postgres, pg_isready, psql) not found: "
+            "PostgreSQL server binaries (postgres, initdb, pg_isready) not found: "
             "apt-get install postgresql, or set ADAPTFLOW_PG_BIN"
         )
     # Not under pytest's basetemp: /tmp/pytest-of-root is mode 0700, and when the tests run as
@@ -38,6 +41,13 @@ def fresh_stack_folder() -> Iterator[Path]:
         try:
             stack_down(StackConfig(root=base / "stack"))
         finally:
+            # stack_down refuses to stop an S3 it could not snapshot; a test's stack goes regardless
+            pid_file = base / "stack" / "supervisord.pid"
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)  # supervisord stops its programs
+                deadline = time.monotonic() + 60
+                while pid_file.exists() and time.monotonic() < deadline:  # removed as it exits
+                    time.sleep(0.2)
             shutil.rmtree(base, ignore_errors=True)
 
 

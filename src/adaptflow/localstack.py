@@ -1,16 +1,12 @@
 """A production-like MLflow stack on loopback: PostgreSQL + moto S3 + ``mlflow server``.
 
-PostgreSQL runs under ``pg_ctl`` (adaptflow.stack_pg); moto (adaptflow.stack_s3, which keeps S3 on
-disk across restarts) and MLflow run under supervisord, its config rendered from
-``infra/local/supervisord.conf.in``. ``stack_up`` starts what is not running and waits for each
-service's own health check: ``pg_isready``, an S3 ``list_buckets``, MLflow's ``/health``.
-``stack_down`` stops everything; all data is kept.
+One supervisord per stack root runs all three, from ``infra/local/supervisord.conf.in`` rendered into
+the root; ``supervisorctl -c <root>/supervisord.conf status|tail mlflow`` works on a running stack.
+``stack_up`` starts each service once the one before answers its own health check (``pg_isready``, an
+S3 ``list_buckets``, MLflow's ``/health``). ``stack_down`` stops them; all data is kept: PostgreSQL's
+in ``pg/``, S3's in ``s3-snapshot/`` (adaptflow.stack_s3). ``stack.json`` keeps the ports, picked once.
 
-The root (default ``.adaptflow/stack``) holds ``stack.json`` (the ports, picked once), ``pg-password``,
-``pg/``, ``supervisord.conf``, ``s3-snapshot/`` and ``logs/``.
-
-CLI: ``python -m adaptflow.localstack up|down|status [--root DIR]``; ``up`` prints ``export`` lines;
-``supervisorctl -c <root>/supervisord.conf status|tail mlflow`` works on a running stack.
+CLI: ``python -m adaptflow.localstack up|down|status [--root DIR]``; ``up`` prints ``export`` lines.
 """
 
 from __future__ import annotations
@@ -20,16 +16,16 @@ import contextlib
 import json
 import logging
 import os
+import pwd
+import secrets
 import shlex
-import signal
+import shutil
 import socket
 import string
 import subprocess
 import sys
 import time
-import urllib.request
 import xmlrpc.client
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,13 +33,14 @@ from typing import Any
 from filelock import FileLock
 
 from adaptflow.errors import StoreError
-from adaptflow.stack_pg import PG_DB, PG_SUPERUSER, Postgres, child_env, find_pg_bin_dir, service_error
-from adaptflow.stack_s3 import TEST_KEY, s3_client
+from adaptflow.stack_s3 import TEST_KEY, restore_s3, s3_client, snapshot_s3
+from adaptflow.tracking import check_tracking_reachable
 
 log = logging.getLogger(__name__)
 TEMPLATE = Path(__file__).resolve().parents[2] / "infra" / "local" / "supervisord.conf.in"
-SERVICES = ("postgres", "s3", "mlflow")
+SERVICES = ("postgres", "s3", "mlflow")  # the start order; supervisord's priorities stop them in reverse
 ALIVE = ("RUNNING", "STARTING", "BACKOFF")  # supervisord's states of a process that holds or wants its port
+PG_USER, PG_DB = "adaptflow", "mlflow"  # PostgreSQL's superuser, and MLflow's database
 
 
 @dataclass(frozen=True)
@@ -58,19 +55,13 @@ class StackConfig:
     data_bucket: str = "adaptflow-data"
     region: str = "us-east-1"
     pg_bin_dir: Path | None = None  # None: find_pg_bin_dir()
-    pg_os_user: str | None = None  # None: this user, or postgres when root
-    mlflow_workers: int = 1
+    pg_os_user: str | None = None  # None: this user, or postgres when root (PostgreSQL refuses root)
     python: str = field(default_factory=lambda: sys.executable)
     startup_timeout_s: float = 90.0
-    stop_timeout_s: float = 60.0
 
     @property
     def root_dir(self) -> Path:
         return Path(self.root).expanduser().resolve()
-
-    @property
-    def pg_dir(self) -> Path:
-        return self.root_dir / "pg"
 
     @property
     def snapshot_dir(self) -> Path:
@@ -121,134 +112,154 @@ def check_s3_reachable(endpoint_url: str, timeout: float = 5.0, region: str = "u
         ) from None
 
 
-def _client_env(cfg: StackConfig, ports: dict[str, int]) -> dict[str, str]:
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    return {
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
-        "MLFLOW_S3_ENDPOINT_URL": endpoint,
-        "ADAPTFLOW_S3_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": TEST_KEY,
-        "AWS_SECRET_ACCESS_KEY": TEST_KEY,
-        "AWS_DEFAULT_REGION": cfg.region,
-        "ADAPTFLOW_DATA_BUCKET": cfg.data_bucket,
-    }
+def find_pg_bin_dir(preferred: Path | None = None) -> Path | None:
+    """The folder of PostgreSQL's server tools: ``preferred``, ``$ADAPTFLOW_PG_BIN``, the newest
+    ``/usr/lib/postgresql/<version>/bin`` (Debian's), or PATH; None when PostgreSQL is absent."""
+    debian = Path("/usr/lib/postgresql").glob("[0-9]*/bin")
+    newest_first = sorted(debian, key=lambda p: int(p.parent.name.split(".")[0]), reverse=True)
+    on_path = Path(found).parent if (found := shutil.which("postgres")) else None
+    for folder in (preferred, os.environ.get("ADAPTFLOW_PG_BIN"), *newest_first, on_path):
+        if folder and all((Path(folder) / tool).is_file() for tool in ("postgres", "initdb", "pg_isready")):
+            return Path(folder)
+    return None
 
 
-def _postgres(cfg: StackConfig, bin_dir: Path) -> Postgres:
-    return Postgres(
-        bin_dir, cfg.pg_dir, cfg.log_path("postgres"), cfg.root_dir / "pg-password", cfg.pg_os_user
+def _child_env() -> dict[str, str]:
+    """The environment of the stack's processes: never the caller's AWS_* or MLFLOW_* settings."""
+    keep = ("PATH", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "SSL_CERT_FILE")
+    return {key: os.environ[key] for key in keep if key in os.environ}
+
+
+def _failed(what: str, log_file: Path, detail: str = "") -> StoreError:
+    """StoreError for a service that failed: what went wrong, then the end of its log in the hint."""
+    try:
+        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
+    except OSError:
+        tail = "(no log)"
+    return StoreError(
+        f"{what}: {detail.strip()[-600:]}" if detail.strip() else what, f"see {log_file}:\n{tail}"
     )
 
 
-def _supervisor(cfg: StackConfig) -> Any | None:
-    """The XML-RPC interface of this root's supervisord, or None when it does not run."""
-    from supervisor.xmlrpc import SupervisorTransport
-
-    transport = SupervisorTransport(None, None, f"unix://{cfg.root_dir / 'supervisor.sock'}")
-    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
+def _pg_owner(cfg: StackConfig) -> pwd.struct_passwd:
+    name = cfg.pg_os_user or ("postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name)
     try:
-        proxy.getState()
-    except (OSError, xmlrpc.client.Error):
-        return None
-    return proxy
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise StoreError(
+            f"PostgreSQL refuses to run as root, and there is no user {name!r} to run it as",
+            hint="install PostgreSQL from Debian's packages (they create 'postgres'), or pass "
+            "StackConfig(pg_os_user=...) naming an unprivileged user",
+        ) from None
 
 
-def _states(sup: Any | None) -> dict[str, dict[str, Any]]:
-    return {info["name"]: info for info in sup.getAllProcessInfo()} if sup else {}
-
-
-def _start_supervisord(cfg: StackConfig, ports: dict[str, int], password: str) -> Any:
-    values = {f"{name}_port": port for name, port in ports.items()} | {
-        "root": cfg.root_dir,
-        "logs": cfg.log_path("-").parent,
-        "python": shlex.quote(cfg.python),
-        "snapshot": shlex.quote(str(cfg.snapshot_dir)),
-        "buckets": f"{cfg.artifacts_bucket} {cfg.data_bucket}",
-        "artifacts_bucket": cfg.artifacts_bucket,
-        "db_user": PG_SUPERUSER,
-        "db_name": PG_DB,
-        "pg_password": password,
-        "workers": cfg.mlflow_workers,
-        "region": cfg.region,
-        "access_key": TEST_KEY,
-    }
-    conf = cfg.root_dir / "supervisord.conf"
-    with open(conf, "w", opener=lambda path, flags: os.open(path, flags, 0o600)) as handle:
-        handle.write(
-            string.Template(TEMPLATE.read_text()).substitute(
-                {k: str(v).replace("%", "%%") for k, v in values.items()}
-            )
+def _initdb(cfg: StackConfig, bin_dir: Path, owner: pwd.struct_passwd) -> None:
+    """The first time: the cluster (owned by ``owner``, who must be able to enter the root), its
+    password, and MLflow's database, made in single-user mode before any server runs."""
+    data, password = cfg.root_dir / "pg", cfg.root_dir / "pg-password"
+    if (data / "PG_VERSION").is_file():
+        return
+    data.mkdir(mode=0o700, exist_ok=True)
+    password.touch(mode=0o600)
+    password.write_text(secrets.token_urlsafe(24) + "\n")
+    for path in (data, password):
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+    as_owner: dict[str, Any] = {}
+    if owner.pw_uid != os.geteuid():
+        as_owner = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+    auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={password}"]
+    initdb = [str(bin_dir / "initdb"), "-D", str(data), "-U", PG_USER, *auth, "-E", "UTF8", "--no-locale"]
+    single = [str(bin_dir / "postgres"), "--single", "-c", "exit_on_error=on", "-D", str(data), "postgres"]
+    for argv, stdin in ((initdb, None), (single, f"CREATE DATABASE {PG_DB}\n")):
+        run = subprocess.run(
+            argv, input=stdin, **as_owner, env=_child_env(), cwd=data, capture_output=True, text=True
         )
-    argv = [cfg.python, "-m", "supervisor.supervisord", "-c", str(conf)]
-    done = subprocess.run(argv, env=child_env(), capture_output=True, text=True, check=False)
-    if done.returncode != 0 or (sup := _supervisor(cfg)) is None:
-        raise service_error(
-            "supervisord did not start", cfg.log_path("supervisord"), done.stderr or done.stdout
-        )
-    return sup
+        if run.returncode != 0:
+            shutil.rmtree(data)  # so that the next stack-up starts afresh
+            what = f"{Path(argv[0]).name} failed (can {owner.pw_name!r} enter {data}?)"
+            raise _failed(what, cfg.log_path("postgres"), run.stderr)
 
 
-def _s3_ready(endpoint: str, region: str) -> bool:
+def _healthy(cfg: StackConfig, name: str, port: int) -> bool:
+    """Whether ``name`` answers its own health check."""
+    url = f"http://127.0.0.1:{port}"
     try:
-        check_s3_reachable(endpoint, timeout=2.0, region=region)
-    except StoreError:
+        if name == "postgres":
+            argv = [f"{find_pg_bin_dir(cfg.pg_bin_dir)}/pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port)]
+            return subprocess.run(argv, env=_child_env()).returncode == 0
+        if name == "s3":
+            check_s3_reachable(url, timeout=2.0, region=cfg.region)
+        else:
+            check_tracking_reachable(url, timeout=2.0)
+    except (StoreError, OSError):
         return False
     return True
 
 
-def _mlflow_ready(uri: str) -> bool:
+def _supervisor(cfg: StackConfig) -> tuple[Any | None, dict[str, dict[str, Any]]]:
+    """This root's supervisord (its XML-RPC interface) and its programs' states; (None, {}) when it
+    does not run."""
+    from supervisor.childutils import getRPCInterface
+
+    sup = getRPCInterface({"SUPERVISOR_SERVER_URL": f"unix://{cfg.root_dir / 'supervisor.sock'}"}).supervisor
     try:
-        with urllib.request.urlopen(uri + "/health", timeout=2.0) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
+        return sup, {info["name"]: info for info in sup.getAllProcessInfo()}
+    except (OSError, xmlrpc.client.Error):
+        return None, {}
 
 
-def _reap_groups(pgids: list[int], timeout_s: float) -> None:
-    """supervisord waits for each program's main process only; its workers (mlflow's uvicorn and job
-    consumers, in the program's process group) can outlive it by a moment. Wait for each group to
-    empty, then kill what is left: nothing of the stack stays running."""
-    deadline = time.monotonic() + timeout_s
-    for pgid in pgids:
-        while True:
-            try:
-                os.killpg(pgid, signal.SIGKILL if time.monotonic() > deadline else 0)
-            except ProcessLookupError:
-                break
-            except PermissionError:  # the group id was reused by someone else's processes
-                break
-            time.sleep(0.1)
+def _start_supervisord(cfg: StackConfig, ports: dict[str, int], bin_dir: Path, pg_owner: str) -> Any:
+    values = {f"{name}_port": port for name, port in ports.items()} | {
+        "root": cfg.root_dir,
+        "python": shlex.quote(cfg.python),
+        "postgres": shlex.quote(str(bin_dir / "postgres")),
+        "pg_data": shlex.quote(str(cfg.root_dir / "pg")),
+        "pg_owner": pg_owner,
+        "pg_password": (cfg.root_dir / "pg-password").read_text().strip(),
+        "db_user": PG_USER,
+        "db_name": PG_DB,
+        "artifacts_bucket": cfg.artifacts_bucket,
+        "region": cfg.region,
+        "access_key": TEST_KEY,
+    }
+    text = string.Template(TEMPLATE.read_text()).substitute(
+        {key: str(value).replace("%", "%%") for key, value in values.items()}  # supervisord expands "%"
+    )
+    conf = cfg.root_dir / "supervisord.conf"
+    with open(conf, "w", opener=lambda path, flags: os.open(path, flags, 0o600)) as handle:
+        handle.write(text)  # mode 0600: it holds the database password
+    argv = [cfg.python, "-m", "supervisor.supervisord", "-c", str(conf)]
+    run = subprocess.run(argv, env=_child_env(), capture_output=True, text=True)
+    if run.returncode != 0 or (sup := _supervisor(cfg)[0]) is None:
+        raise _failed("supervisord did not start", cfg.log_path("supervisord"), run.stderr)
+    return sup
 
 
-def _stop(cfg: StackConfig, pg: Postgres | None, sup: Any | None) -> None:
-    """Stops mlflow, then moto (it writes the S3 snapshot on its way out), supervisord, then PostgreSQL."""
-    snapshot_failed = False
-    if sup is not None:
-        states = _states(sup)
-        s3_was_running = states["s3"]["statename"] == "RUNNING"
-        groups = [info["pid"] for info in states.values() if info["pid"]]
-        sup.stopAllProcesses()  # one by one, in reverse priority order, each waited for
-        _reap_groups(groups, cfg.stop_timeout_s)
-        snapshot_failed = s3_was_running and sup.getProcessInfo("s3")["exitstatus"] != 0
-        sup.shutdown()
-        deadline = time.monotonic() + cfg.stop_timeout_s
-        while (cfg.root_dir / "supervisord.pid").exists() and time.monotonic() < deadline:  # gone at exit
-            time.sleep(0.1)
-    if pg is not None:
-        pg.stop(cfg.stop_timeout_s)
-    if snapshot_failed:
-        raise service_error(
-            "moto could not write the S3 snapshot", cfg.log_path("s3"), hint="the last one is kept; "
-        )
+def _stop(cfg: StackConfig, sup: Any) -> None:
+    """Stops mlflow, snapshots S3, then stops moto, PostgreSQL and supervisord, each waited for."""
+    sup.stopProcessGroup("mlflow")  # first, so that nothing writes to S3 during the snapshot
+    s3, restored = sup.getProcessInfo("s3"), cfg.root_dir / "s3-restored"
+    # Only the moto that stack_up restored holds all of S3: one restarted by hand must not replace the snapshot.
+    if s3["statename"] == "RUNNING" and restored.is_file() and restored.read_text() == str(s3["pid"]):
+        try:
+            snapshot_s3(
+                s3_client(f"http://127.0.0.1:{_saved_ports(cfg)['s3']}", attempts=5), cfg.snapshot_dir
+            )
+        except Exception as error:
+            hint = "S3 still runs, so nothing is lost; fix the cause and stack-down again"
+            raise StoreError(f"cannot snapshot S3 into {cfg.snapshot_dir}: {error}", hint=hint) from error
+    sup.stopAllProcesses()  # in reverse priority order: moto, then PostgreSQL
+    sup.shutdown()
+    deadline = time.monotonic() + 60
+    while (cfg.root_dir / "supervisord.pid").exists() and time.monotonic() < deadline:  # removed at exit
+        time.sleep(0.1)
 
 
 def _saved_ports(cfg: StackConfig) -> dict[str, int]:
     path = cfg.root_dir / "stack.json"
     try:
-        return {name: int(port) for name, port in json.loads(path.read_text())["ports"].items()}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, LookupError, TypeError, AttributeError) as error:
+        return dict(json.loads(path.read_text())["ports"]) if path.exists() else {}
+    except (OSError, ValueError, KeyError) as error:
         raise StoreError(
             f"cannot read {path}: {error}", hint="delete it: the ports are picked again"
         ) from None
@@ -269,22 +280,11 @@ def _ports(cfg: StackConfig, running: dict[str, bool]) -> dict[str, int]:
             if not ports[name]:
                 sock.bind(("127.0.0.1", 0))
                 ports[name] = sock.getsockname()[1]
-            elif not running[name] and sock.connect_ex(("127.0.0.1", ports[name])) == 0:
+            elif not running.get(name) and sock.connect_ex(("127.0.0.1", ports[name])) == 0:
                 raise StoreError(
-                    f"port {ports[name]} for {name} is taken",
-                    hint=f"stop its process or pass --{name}-port N",
+                    f"port {ports[name]} for {name} is taken", hint=f"stop it or pass --{name}-port N"
                 )
     return ports
-
-
-def _checks(cfg: StackConfig, pg: Postgres | None, ports: dict[str, int]) -> dict[str, Callable[[], bool]]:
-    """Each service's own health check."""
-    env = _client_env(cfg, ports)
-    return {
-        "postgres": lambda: pg is not None and pg.ready(ports["postgres"]),
-        "s3": lambda: _s3_ready(env["MLFLOW_S3_ENDPOINT_URL"], cfg.region),
-        "mlflow": lambda: _mlflow_ready(env["MLFLOW_TRACKING_URI"]),
-    }
 
 
 def stack_up(cfg: StackConfig | None = None) -> StackInfo:
@@ -293,49 +293,54 @@ def stack_up(cfg: StackConfig | None = None) -> StackInfo:
     cfg = cfg or StackConfig()
     if (bin_dir := find_pg_bin_dir(cfg.pg_bin_dir)) is None:
         raise StoreError(
-            "PostgreSQL server binaries (pg_ctl, initdb, postgres, pg_isready, psql) were not found",
+            "PostgreSQL server binaries (postgres, initdb, pg_isready) were not found",
             hint="apt-get install postgresql (or set ADAPTFLOW_PG_BIN to their folder)",
         )
+    owner = _pg_owner(cfg)
     cfg.log_path("-").parent.mkdir(parents=True, exist_ok=True)
-    pg = _postgres(cfg, bin_dir)
     with FileLock(str(cfg.root_dir / "stack.lock")):
-        sup, pg_pid = _supervisor(cfg), pg.pid()
-        states = _states(sup)
-        running = {name: states.get(name, {}).get("statename") in ALIVE for name in SERVICES}
-        running["postgres"] = pg_pid is not None
+        sup, states = _supervisor(cfg)
+        running = {name: info["statename"] in ALIVE for name, info in states.items()}
         ports = _ports(cfg, running)
         (cfg.root_dir / "stack.json").write_text(json.dumps({"ports": ports}) + "\n")
+        endpoint, tracking = f"http://127.0.0.1:{ports['s3']}", f"http://127.0.0.1:{ports['mlflow']}"
         started = None
         try:
-            if pg_pid is None:
-                pg.start(ports["postgres"], cfg.startup_timeout_s)
-            if not pg.ready(ports["postgres"]):
-                raise service_error("postgres does not answer pg_isready", pg.log_file)
-            pg.ensure_database(ports["postgres"])
-            log.info("postgres is healthy")
+            _initdb(cfg, bin_dir, owner)
             if sup is None:
-                sup = started = _start_supervisord(cfg, ports, pg.password())  # it starts moto and mlflow
-            for name in ("s3", "mlflow") if started is None else ():
-                if not running[name]:
+                sup = started = _start_supervisord(cfg, ports, bin_dir, owner.pw_name)
+            deadline = time.monotonic() + cfg.startup_timeout_s
+            for name in SERVICES:  # the programs have autostart=false: the order is ours
+                if not running.get(name):
                     sup.startProcess(name, False)
-            deadline, checks = time.monotonic() + cfg.startup_timeout_s, _checks(cfg, pg, ports)
-            for name in ("s3", "mlflow"):
-                while not checks[name]():
+                while not _healthy(cfg, name, ports[name]):
                     state = sup.getProcessInfo(name)["statename"]
                     if state in ("FATAL", "EXITED") or time.monotonic() > deadline:
-                        raise service_error(
+                        raise _failed(
                             f"{name} did not become healthy (supervisord: {state})", cfg.log_path(name)
                         )
                     time.sleep(0.25)
+                if name == "s3" and not running.get(name):  # a new moto: its S3 is empty until restored
+                    restore_s3(s3_client(endpoint), cfg.snapshot_dir, [cfg.artifacts_bucket, cfg.data_bucket])
+                    (cfg.root_dir / "s3-restored").write_text(str(sup.getProcessInfo("s3")["pid"]))
                 log.info("%s is healthy", name)
         except BaseException:
             log.error("stack-up failed; stopping what it started")
             with contextlib.suppress(Exception):
-                _stop(cfg, pg if pg_pid is None else None, started)
+                if started:
+                    (cfg.root_dir / "s3-restored").unlink(missing_ok=True)  # S3 is still what is on disk
+                    _stop(cfg, started)
             raise
-    env = _client_env(cfg, ports)
-    tracking, s3 = env["MLFLOW_TRACKING_URI"], env["MLFLOW_S3_ENDPOINT_URL"]
-    return StackInfo(cfg, ports, tracking, s3, cfg.artifacts_bucket, cfg.data_bucket, env)
+    env = {
+        "MLFLOW_TRACKING_URI": tracking,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        "ADAPTFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": TEST_KEY,
+        "AWS_SECRET_ACCESS_KEY": TEST_KEY,
+        "AWS_DEFAULT_REGION": cfg.region,
+        "ADAPTFLOW_DATA_BUCKET": cfg.data_bucket,
+    }
+    return StackInfo(cfg, ports, tracking, endpoint, cfg.artifacts_bucket, cfg.data_bucket, env)
 
 
 def stack_down(cfg: StackConfig | None = None) -> None:
@@ -343,29 +348,20 @@ def stack_down(cfg: StackConfig | None = None) -> None:
     cfg = cfg or StackConfig()
     if (cfg.root_dir / "stack.json").is_file():
         with FileLock(str(cfg.root_dir / "stack.lock")):
-            pg = _postgres(cfg, bin_dir) if (bin_dir := find_pg_bin_dir(cfg.pg_bin_dir)) else None
-            _stop(cfg, pg if pg and pg.pid() else None, _supervisor(cfg))
+            if (sup := _supervisor(cfg)[0]) is not None:
+                _stop(cfg, sup)
 
 
 def stack_status(cfg: StackConfig | None = None) -> dict[str, ServiceStatus]:
     """Per service: pid, whether it runs, and whether it answers its health check."""
     cfg = cfg or StackConfig()
-    pg = _postgres(cfg, bin_dir) if (bin_dir := find_pg_bin_dir(cfg.pg_bin_dir)) else None
-    pids = {
-        name: info["pid"]
-        for name, info in _states(_supervisor(cfg)).items()
-        if info["statename"] == "RUNNING"
-    }
-    pids["postgres"] = pg.pid() if pg else None
-    ports = _saved_ports(cfg)
-    checks = _checks(cfg, pg, ports) if set(ports) == set(SERVICES) else {}
+    states, ports = _supervisor(cfg)[1], _saved_ports(cfg)
+    pids = {name: info["pid"] for name, info in states.items() if info["statename"] == "RUNNING"}
     statuses = {}
     for name in SERVICES:
-        pid = pids.get(name)
-        healthy = pid is not None and name in checks and checks[name]()
-        statuses[name] = ServiceStatus(
-            name, pid, pid is not None, healthy, ports.get(name), cfg.log_path(name)
-        )
+        pid, port = pids.get(name), ports.get(name)
+        healthy = pid is not None and port is not None and _healthy(cfg, name, port)
+        statuses[name] = ServiceStatus(name, pid, pid is not None, healthy, port, cfg.log_path(name))
     return statuses
 
 

@@ -164,6 +164,26 @@ def test_stack_up_on_other_ports_while_running_is_refused(production_stack: Stac
 
 @pytest.mark.stack
 @pytest.mark.integration
+def test_a_moto_restarted_by_hand_never_replaces_the_s3_snapshot(stack_folder: Path) -> None:
+    cfg = StackConfig(root=stack_folder / "stack", startup_timeout_s=120.0)
+    info = stack_up(cfg)
+    info.s3_client().put_object(Bucket=info.data_bucket, Key="kept.txt", Body=b"kept")
+    localstack.stack_down(cfg)
+    info = stack_up(cfg)  # restores kept.txt
+    sup, _ = localstack._supervisor(cfg)
+    sup.stopProcess("s3")
+    sup.startProcess("s3")  # a new, empty moto that stack_up did not restore
+    assert info.s3_client().list_buckets()["Buckets"] == []  # what a snapshot of it would hold
+    localstack.stack_down(cfg)
+    info = stack_up(cfg)
+    try:
+        assert info.s3_client().get_object(Bucket=info.data_bucket, Key="kept.txt")["Body"].read() == b"kept"
+    finally:
+        localstack.stack_down(cfg)
+
+
+@pytest.mark.stack
+@pytest.mark.integration
 def test_taken_port_is_a_clear_error_and_starts_nothing(stack_folder: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
