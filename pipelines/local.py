@@ -113,8 +113,15 @@ def _failure(error: Exception, error_file: Path) -> PipelineFailed:
 
 
 def _attempt(settings: Settings) -> tuple[Path, Path, str]:
-    """(workdir, error file, attempt name) of one local run; the error file's folder exists."""
+    """(workdir, error file, attempt name) of one local run; the error file's folder exists.
+
+    The backbone's weights are resolved first (downloaded into the cache the baseline stage reads),
+    so a run that cannot get them stops before any work, with the ways out in its hint.
+    """
+    from adaptflow.models.weights import resolve_weights
+
     workdir = Path(settings.workdir).resolve()
+    resolve_weights(settings.backbone, workdir / "cache" / "weights")
     attempt = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     error_file = workdir / "runs" / attempt / "error.json"
     error_file.parent.mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,7 @@ def train_strategy(
 
     The advisor's learning-rate profile applies to every strategy when it chose one (high shift).
     """
+    from adaptflow.models.weights import RANDOM_INIT, init_label
     from adaptflow.training.advisor import finetune_settings
     from adaptflow.training.finetune import FinetuneInputs, run_finetune
 
@@ -124,7 +125,8 @@ def train_strategy(
                 "name": "scratch",
                 "strategy": "scratch",
                 "cost": trained.cost.model_copy(update={"wall_seconds": time.perf_counter() - start}),
-                "extra": {**trained.extra, "init": "random"},
+                "backbone_sha256": RANDOM_INIT,
+                "extra": {**trained.extra, "init": init_label(RANDOM_INIT)},
             }
         )
         candidate.save(out_dir)

@@ -52,7 +52,7 @@ class IngestConfig(Section):
 class BackboneSpec(Section):
     name: str = Field("resnet18", description="torchvision architecture name, see `adaptflow backbones`")
     weights: str | None = Field(
-        None, description="torchvision weights enum member (e.g. IMAGENET1K_V1), resolved by torchvision"
+        "DEFAULT", description="torchvision weights enum member (DEFAULT: ImageNet); none: from scratch"
     )
     weights_uri: str | None = Field(
         None, description="mirror of the weights: file://, s3://, https:// or a local path"

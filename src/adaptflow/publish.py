@@ -32,6 +32,8 @@ class Publication:
 
 
 def version_tags(pub: Publication) -> dict[str, str]:
+    from adaptflow.models.weights import init_label
+
     winner, snapshot, evaluation, export = pub.winner, pub.snapshot, pub.evaluation, pub.export
     settings, ctx, register_run_id = pub.settings, pub.ctx, pub.register_run_id
     score = evaluation.score(winner.name)
@@ -43,6 +45,7 @@ def version_tags(pub: Publication) -> dict[str, str]:
         "adaptflow.candidate": winner.name,
         "adaptflow.backbone": winner.backbone.name,
         "adaptflow.backbone_sha256": winner.backbone_sha256,
+        "adaptflow.backbone_init": init_label(winner.backbone_sha256),
         "adaptflow.metrics.test_accuracy": f"{score.accuracy:.6f}",
         "adaptflow.metrics.test_macro_f1": f"{score.macro_f1:.6f}",
         "adaptflow.metrics.val_accuracy": f"{winner.metrics.get('val_accuracy', float('nan')):.6f}",

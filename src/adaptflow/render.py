@@ -50,6 +50,10 @@ def summary_table(s: dict[str, Any]) -> Table:
         "data",
         f"{d['source']}\nfingerprint {d['fingerprint'][:16]}  counts {d['counts']}  quarantined {len(d['quarantined'])}",
     )
+    if "backbone" in s:  # summaries written before the backbone was recorded have none
+        b = s["backbone"]
+        init = "[yellow]from scratch[/] (backbone.weights=none)" if b["init"] == "from scratch" else b["init"]
+        table.add_row("backbone", markup_line(f"{b['name']}, {init}"))
     table.add_row("baseline (transfer)", _test_metrics(s["baseline"]["metrics"]))
     f = s["finetune"]
     if f["ran"]:

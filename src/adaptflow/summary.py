@@ -56,6 +56,8 @@ def build_summary(
     registration: Registration,
     ctx: TrackingContext,
 ) -> dict[str, Any]:
+    from adaptflow.models.weights import init_label
+
     ran = baseline.decision.should_finetune and selected.name != "baseline"
     champion = evaluation.champion_score()
 
@@ -66,6 +68,11 @@ def build_summary(
     return {
         "status": "completed",
         "dataset": dataset_summary(snapshot),
+        "backbone": {
+            "name": baseline.candidate.backbone.name,
+            "init": init_label(baseline.candidate.backbone_sha256),
+            "sha256": baseline.candidate.backbone_sha256,
+        },
         "baseline": {
             "metrics": test_metrics("baseline")
             | {"val_accuracy": baseline.candidate.metrics["val_accuracy"]},

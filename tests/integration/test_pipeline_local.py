@@ -106,6 +106,9 @@ def test_registry_seen_by_a_separate_client(three_runs) -> None:  # type: ignore
     for mv in (v1, v2):
         assert mv.tags["adaptflow.data_fingerprint"] == first["dataset"]["fingerprint"]
         assert mv.tags["adaptflow.strategy"] in {"transfer", "partial"}
+        assert (
+            mv.tags["adaptflow.backbone_init"] == "pretrained" == first["backbone"]["init"]
+        )  # the demo mirror
         assert mv.tags["adaptflow.git_commit"] == head
         assert mv.tags["adaptflow.pipeline_run_id"] in {first["mlflow"]["run_id"], second["mlflow"]["run_id"]}
         assert mv.tags["adaptflow.kfp.run_id"]  # kfp.local's pipeline job id

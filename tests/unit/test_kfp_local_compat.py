@@ -237,7 +237,7 @@ def embedded_mlflow(tmp_path: Path) -> Iterator[Any]:
 
     previous = (os.environ.get("MLFLOW_TRACKING_URI"), mlflow_uri._tracking_uri)
     try:
-        yield load_settings(None, [f"workdir={tmp_path}"])
+        yield load_settings(None, [f"workdir={tmp_path}", "backbone.weights=none"])
     finally:
         # start_pipeline_run's mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI
         os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -19,6 +19,7 @@ SUMMARY: dict[str, Any] = {
         "counts": {"train": 70, "val": 15, "test": 20},
         "quarantined": [{"uri": "/data/digits/5/bad.png"}, {"uri": "/data/digits/6/empty.png"}],
     },
+    "backbone": {"name": "resnet18", "init": "pretrained", "sha256": "ab" * 32},
     "baseline": {"metrics": {"accuracy": 0.8125, "accuracy_ci95": [0.71, 0.9], "macro_f1": 0.8}},
     "advisor": {"reason": "fine-tune (partial): baseline val accuracy 0.800 is below the target 0.970"},
     "finetune": {
@@ -108,6 +109,14 @@ def test_summary_shows_winner_gate_and_promotion() -> None:
     assert "onnx max |ort - torch| 3.20e-06 (tol 1e-04), p50 1.23 ms" in lines
     assert "mlflow sqlite:///state/mlflow.db run run-abc" in lines
     assert "stage seconds ingest 1.0 baseline 12.4" in lines
+    assert "backbone resnet18, pretrained" in lines
+
+
+def test_a_backbone_trained_from_scratch_says_so() -> None:
+    scratch = SUMMARY | {"backbone": {"name": "resnet18", "init": "from scratch", "sha256": "random-init"}}
+    assert "backbone resnet18, from scratch (backbone.weights=none)" in rows_of(
+        text_of(render.summary_table(scratch))
+    )
 
 
 def test_summary_of_a_baseline_run_that_was_not_promoted() -> None:

@@ -4,6 +4,7 @@ import http.server
 import re
 import shutil
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,3 +191,55 @@ def test_architecture_mismatch_is_reported(tiny_assets, tmp_path: Path) -> None:
     spec = BackboneSpec(name="resnet34", weights_uri=tiny_assets.weights_uri, sha256=tiny_assets.sha256)
     with pytest.raises(WeightsError, match="trained for resnet18"):
         resolve_weights(spec, tmp_path)
+
+
+@pytest.fixture
+def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No network (every HTTP(S) request goes to a closed local port) and an empty torch hub cache."""
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    # urllib reads the proxy variables when it builds its global opener: build it again, under them
+    monkeypatch.setattr(urllib.request, "_opener", None)
+    return tmp_path
+
+
+def test_the_default_backbone_is_pretrained_and_offline_it_names_both_ways_out(offline: Path) -> None:
+    from adaptflow.config import Settings
+
+    spec = Settings().backbone
+    assert spec.weights == "DEFAULT" and spec.weights_uri is None
+    with pytest.raises(WeightsError) as caught:
+        resolve_weights(spec, offline / "cache")
+    assert "cannot get the pretrained resnet18 weights DEFAULT" in str(caught.value)
+    hint = caught.value.hint or ""
+    assert "backbone.weights_uri" in hint and "backbone.sha256" in hint and "backbone.weights=none" in hint
+
+
+@pytest.mark.parametrize("weights", ["none", "None", None])
+def test_from_scratch_only_when_asked_and_labelled_so(weights: str | None, offline: Path) -> None:
+    from adaptflow.models.weights import RANDOM_INIT, init_label
+
+    resolved = resolve_weights(BackboneSpec(weights=weights), offline / "cache")
+    assert (
+        resolved.state_dict is None and resolved.sha256 == RANDOM_INIT and resolved.source == "from scratch"
+    )
+    assert init_label(resolved.sha256) == "from scratch" and init_label("ab" * 32) == "pretrained"
+
+
+def test_adaptflow_run_offline_stops_before_any_work(offline: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    (offline / "data" / "a").mkdir(parents=True)
+    workdir = offline / "work"
+    code = "from adaptflow.cli import main; main()"
+    argv = [sys.executable, "-c", code, "run", "--data", str(offline / "data"), "--set", f"workdir={workdir}"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert result.returncode != 0 and result.stdout == ""
+    assert "error: cannot get the pretrained resnet18 weights" in result.stderr
+    assert "backbone.weights=none" in result.stderr and "Traceback" not in result.stderr
+    assert not workdir.exists()  # no MLflow store, no run: it stopped before any work

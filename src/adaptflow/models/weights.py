@@ -8,12 +8,14 @@ Loading never unpickles: ``torch.load(weights_only=True)`` or safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickle
 import re
 import struct
+import sys
 import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ HASH_PREFIX = re.compile(r"-([a-f0-9]{8,64})\.")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 META_KEY = "adaptflow"
+RANDOM_INIT = "random-init"  # the backbone_sha256 of a backbone trained from scratch
 
 
 @dataclass
@@ -58,10 +61,20 @@ def expected_hash(spec: BackboneSpec, uri: str) -> str | None:
     return match.group(1) if match else None
 
 
+def from_scratch(spec: BackboneSpec) -> bool:
+    """``backbone.weights=none`` (and no mirror): a randomly initialised backbone, only when asked for."""
+    return spec.weights_uri is None and (spec.weights is None or spec.weights.lower() in ("none", ""))
+
+
+def init_label(backbone_sha256: str) -> str:
+    """How a candidate's backbone started, in the words the summary, tags and report use."""
+    return "from scratch" if backbone_sha256 == RANDOM_INIT else "pretrained"
+
+
 def _enum_weights(spec: BackboneSpec) -> Any:
     import torchvision
 
-    if not spec.weights:
+    if not spec.weights or spec.weights.lower() == "none":
         return None
     try:
         enum = torchvision.models.get_model_weights(spec.name)
@@ -170,12 +183,21 @@ def resolve_weights(spec: BackboneSpec, cache_dir: str | Path) -> ResolvedWeight
     enum = _enum_weights(spec)
     uri = spec.weights_uri or (enum.url if enum is not None else None)
     if uri is None:
-        pre = default_preprocessing(spec)
-        return ResolvedWeights(None, "random-init", "random", pre)
+        log.warning("backbone %s starts from scratch (backbone.weights=none): no pretrained weights", spec.name)
+        return ResolvedWeights(None, RANDOM_INIT, "from scratch", default_preprocessing(spec))
     cache = Path(cache_dir)
     if enum is not None and spec.weights_uri is None:
         # The real path: torchvision downloads (or finds in TORCH_HOME) and checks the hash prefix itself.
-        state = enum.get_state_dict(progress=False, check_hash=True)
+        try:
+            # torch.hub prints "Downloading: ..." on stdout, which is for --json
+            with contextlib.redirect_stdout(sys.stderr):
+                state = enum.get_state_dict(progress=False, check_hash=True)
+        except (OSError, RuntimeError) as error:  # URLError is an OSError; a hash mismatch a RuntimeError
+            raise WeightsError(
+                f"cannot get the pretrained {spec.name} weights {spec.weights} from {enum.url}: {error}",
+                hint=f"offline? mirror {_filename(enum.url)} and set backbone.weights_uri=<its URI> with "
+                "backbone.sha256=<its sha256>, or train from scratch with backbone.weights=none",
+            ) from None
         path = Path(torch.hub.get_dir()) / "checkpoints" / _filename(enum.url)
         digest = sha256_file(path) if path.exists() else HASH_PREFIX.search(_filename(enum.url)).group(1)  # type: ignore[union-attr]
         return ResolvedWeights(state, digest, enum.url, _override(_enum_preprocessing(enum), spec))
