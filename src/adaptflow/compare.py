@@ -258,6 +258,7 @@ def gather_outcomes(
     out: Path,
 ) -> CompareResult:
     """The report task's stage: the ParallelFor outcomes and the baseline row, in one result and report."""
+    from adaptflow.evaluation import score_references
     from adaptflow.stage_logs import log_compare_baseline
     from adaptflow.tracking import stage_run
 
@@ -270,6 +271,8 @@ def gather_outcomes(
     rows = sorted((StrategyOutcome.load(folder) for folder in outcome_dirs), key=_strategy_rank)
     outcomes = [base, *rows]
     result = assemble(data_uri, snapshot, baseline, outcomes, settings, ctx.tracking_uri, ctx.parent_run_id)
+    references = score_references(snapshot, settings.evaluate, ImageStore())
+    result = result.model_copy(update={"references": tuple(references)})
     result = _write_report(result, out, ctx)
     result.save(out)
     log_compare_result(ctx, result)

@@ -141,6 +141,7 @@ class EvaluateConfig(Section):
     )
     batch_size: int = Field(256, ge=1)
     bootstrap_samples: int = Field(1000, ge=100)
+    reference_pixels: int = Field(16, ge=4, le=64, description="side of the references' grayscale pixels")
 
 
 class ExportConfig(Section):
@@ -156,6 +157,9 @@ class GateConfig(Section):
     max_latency_ms: float = Field(250.0, gt=0, description="ONNX batch-1 p50 latency budget")
     require_significance: bool = False
     alpha: float = Field(0.05, gt=0, lt=1)
+    reference_margin: float = Field(
+        0.0, ge=0, le=1, description="must beat the pixel references by this much"
+    )
 
 
 class RegistryConfig(Section):

@@ -154,7 +154,7 @@ class ModelScore(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    kind: Literal["candidate", "champion"]
+    kind: Literal["candidate", "champion", "reference"]
     version: str | None = None
     accuracy: float
     accuracy_ci95: tuple[float, float]
@@ -194,6 +194,11 @@ class Evaluation(Contract):
 
     def champion_score(self) -> ModelScore | None:
         return next((s for s in self.scores if s.kind == "champion"), None)
+
+    def reference_score(self) -> ModelScore | None:
+        """The better reference (the floor the gate holds a winner to); None for older evaluations."""
+        references = [s for s in self.scores if s.kind == "reference"]
+        return max(references, key=lambda s: s.accuracy) if references else None
 
 
 class ExportResult(Contract):
@@ -273,6 +278,7 @@ class CompareResult(Contract):
     run_id: str | None = None
     report_html: str | None = None
     report_markdown: str | None = None
+    references: tuple[ModelScore, ...] = Field((), description="the pixel references, same test split")
 
     def outcome(self, strategy: str) -> StrategyOutcome:
         for o in self.outcomes:

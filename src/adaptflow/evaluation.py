@@ -21,6 +21,7 @@ from adaptflow.contracts import Candidate, ChampionRef, Evaluation, ManifestEntr
 from adaptflow.data.images import ImageStore, eval_transform
 from adaptflow.onnx_model import OnnxClassifier, load_onnx_classifier
 from adaptflow.promotion import ChampionRescore
+from adaptflow.references import predict_references
 from adaptflow.registry import download_onnx
 from adaptflow.training.candidates import load_candidate
 
@@ -161,6 +162,16 @@ def choose_winner(baseline: ModelScore, others: list[ModelScore], margin: float)
     )
 
 
+def score_references(snapshot: Snapshot, cfg: EvaluateConfig, store: ImageStore) -> list[ModelScore]:
+    """The pixel references (:mod:`adaptflow.references`) scored like every candidate."""
+    index = {c: i for i, c in enumerate(snapshot.class_names)}
+    y_true = np.array([index[e.label] for e in snapshot.split("test")], dtype=np.int64)
+    return [
+        score(name, "reference", y_true, predictions, snapshot.class_names, cfg)
+        for name, predictions in predict_references(snapshot, cfg, store).items()
+    ]
+
+
 def evaluate(
     snapshot: Snapshot,
     candidate_dirs: list[Path],
@@ -190,6 +201,7 @@ def evaluate(
 
     baseline = next(s for s in scores if s.name == "baseline")
     winner, reason = choose_winner(baseline, [s for s in scores if s.name != "baseline"], cfg.finetune_margin)
+    scores += score_references(snapshot, cfg, store)
 
     p_value: float | None = None
     champion_ref: ChampionRef | None = None

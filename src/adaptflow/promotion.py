@@ -40,7 +40,10 @@ def decide_gate(
     p_value: float | None,
     cfg: GateConfig,
     champion_note: str | None = None,
+    reference: ModelScore | None = None,
 ) -> GateDecision:
+    """Promote or not, with a reason per check. ``reference`` is the better pixel reference
+    (:mod:`adaptflow.references`): a winner must beat it, by ``gate.reference_margin``."""
     ok = True
     reasons: list[str] = []
 
@@ -65,6 +68,15 @@ def decide_gate(
         f"ONNX p50 latency {export.latency_ms_p50:.2f} ms within {cfg.max_latency_ms:.0f} ms",
         f"ONNX p50 latency {export.latency_ms_p50:.2f} ms exceeds {cfg.max_latency_ms:.0f} ms",
     )
+    if reference is not None:
+        gain, margin = a - reference.accuracy, cfg.reference_margin
+        check(
+            gain > 0 and gain >= margin,
+            f"beats the reference {reference.name} by {gain:+.4f} ({a:.4f} vs {reference.accuracy:.4f}; "
+            f"reference_margin {margin:.4f})",
+            f"does not beat the reference {reference.name}: {a:.4f} vs {reference.accuracy:.4f} on the same "
+            f"{reference.n} test images, {gain:+.4f} (reference_margin {margin:.4f})",
+        )
     if champion is None:
         reasons.append(champion_note or "no champion yet: the absolute thresholds alone decide")
     else:
@@ -193,7 +205,10 @@ def promote_under_lease(
             note = f"champion changed during this run (v{seen} -> v{now}); compared again"
             if rescored.note:
                 note = f"{note}: {rescored.note}"
-        decision = decide_gate(inputs.winner_score, champion_score, inputs.export, p_value, inputs.gate, note)
+        reference = evaluation.reference_score()
+        decision = decide_gate(
+            inputs.winner_score, champion_score, inputs.export, p_value, inputs.gate, note, reference
+        )
         if now != seen and champion_score is not None:  # otherwise decide_gate already said the note
             decision = GateDecision(promote=decision.promote, reasons=(note or "", *decision.reasons))
         # Nothing is lost: every version stays registered and says why it was, or was not, promoted.

@@ -58,6 +58,10 @@ def summary_table(s: dict[str, Any]) -> Table:
     f = s["finetune"]
     if f["ran"]:
         table.add_row(f"finetune ({f['strategy']})", _test_metrics(f["metrics"]))
+    if s.get("reference"):
+        r = s["reference"]
+        floor = "  ".join(f"{name.removeprefix('reference-')} {acc:.4f}" for name, acc in r["scores"].items())
+        table.add_row("references (pixels)", f"test accuracy {floor}")
     table.add_row("advisor", s["advisor"]["reason"])
     table.add_row("winner", f"{s['winner']}: {s['winner_reason']}")
     table.add_row(

@@ -162,6 +162,9 @@ def table_rows(result: CompareResult) -> list[list[str]]:
                 f"{o.epochs_run} ({o.best_epoch})",
             ]
         )
+    for r in result.references:  # the floor: what a linear model on pixels, or always the majority, gets
+        low, high = r.accuracy_ci95
+        rows.append([r.name, f"{r.accuracy:.4f} [{low:.3f}, {high:.3f}]", f"{r.macro_f1:.4f}", *["-"] * 7])
     return rows
 
 
@@ -171,6 +174,13 @@ PLOTS = (
     ("learning_curves.png", "Learning curves: train and validation accuracy per epoch for each strategy"),
     ("confusion_matrices.png", "Confusion matrices on the shared test split, one per strategy"),
 )  # fmt: skip
+
+
+REFERENCE_NOTE = (
+    "Rows reference-*: scikit-learn references fitted on the same training images, no network: a "
+    "logistic regression on downsampled grayscale pixels, and always the majority class. The "
+    "registry gate refuses a model that does not beat them (gate.reference_margin)."
+)
 
 
 def _signals_rows(result: CompareResult) -> list[tuple[str, str]]:
@@ -209,7 +219,7 @@ def write_report(result: CompareResult, out_dir: str | Path) -> tuple[Path, Path
     md.append("| " + " | ".join(rows[0]) + " |")
     md.append("|" + "|".join("---" for _ in rows[0]) + "|")
     md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    md += ["", f"**Best**: {result.best}. {result.best_reason}", ""]
+    md += ["", f"**Best**: {result.best}. {result.best_reason}", "", REFERENCE_NOTE, ""]
     md += [
         "## The advisor's decision",
         "",
@@ -250,6 +260,7 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #5
 <h2>Results (same test split for every row)</h2>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <p><b>Best</b>: {e(result.best)}. {e(result.best_reason)}</p>
+<p>{e(REFERENCE_NOTE)}</p>
 <h2>The advisor's decision</h2>
 <p class="decision"><b>{e(verdict)}</b> (strategy <code>{e(decision.strategy)}</code>): {e(decision.reason)}</p>
 <table><thead><tr><th>signal</th><th>value</th></tr></thead><tbody>{signals}</tbody></table>

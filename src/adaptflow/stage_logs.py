@@ -233,6 +233,8 @@ def log_compare_result(ctx: TrackingContext, result: CompareResult) -> None:
     for o in result.outcomes:
         client.log_metric(ctx.parent_run_id, f"{o.strategy}.test_accuracy", o.score.accuracy)
         client.log_metric(ctx.parent_run_id, f"{o.strategy}.wall_seconds", o.wall_seconds)
+    for r in result.references:
+        client.log_metric(ctx.parent_run_id, f"{r.name}.test_accuracy", r.accuracy)
     client.set_tag(ctx.parent_run_id, "adaptflow.compare.best", result.best)
     client.set_tag(ctx.parent_run_id, "adaptflow.compare.best_reason", result.best_reason[:MAX_TAG])
 

@@ -47,6 +47,20 @@ def unchanged_summary(
     }
 
 
+def reference_summary(evaluation: Evaluation) -> dict[str, Any] | None:
+    """The floor a winner had to beat: the better reference, and every reference's test accuracy."""
+    best = evaluation.reference_score()
+    if best is None:
+        return None
+    scores = {s.name: s.accuracy for s in evaluation.scores if s.kind == "reference"}
+    return {
+        "name": best.name,
+        "accuracy": best.accuracy,
+        "accuracy_ci95": list(best.accuracy_ci95),
+        "scores": scores,
+    }
+
+
 def build_summary(
     snapshot: Snapshot,
     baseline: BaselineResult,
@@ -92,6 +106,7 @@ def build_summary(
             else None,
             "cost": selected.cost.model_dump() if ran else None,
         },
+        "reference": reference_summary(evaluation),
         "winner": evaluation.winner,
         "winner_reason": evaluation.winner_reason,
         "champion_before": registration.champion_before,

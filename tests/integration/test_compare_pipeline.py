@@ -35,6 +35,8 @@ def test_compare_pipeline_fans_out_per_strategy_and_collects_one_report(
     assert sorted(o.strategy for o in result.outcomes[1:]) == ["linear_probe", "partial"]
     # every row scored on the same test split
     assert all(sum(map(sum, o.score.confusion_matrix)) == result.test_size for o in result.outcomes)
+    assert [r.name for r in result.references] == ["reference-logreg-pixels", "reference-majority"]
+    assert all(r.n == result.test_size for r in result.references)
     partial = next(o for o in result.outcomes if o.strategy == "partial")
     assert partial.p_value_vs_baseline is not None and 0 < partial.trainable_params < partial.total_params
     assert result.report_html is not None

@@ -14,7 +14,7 @@ from adaptflow.config import IngestConfig, Settings, load_settings
 from adaptflow.contracts import FinetuneDecision
 from adaptflow.data.ingest import ingest, subsample_train
 from adaptflow.errors import ConfigError
-from factories import compare_result, strategy_outcome
+from factories import compare_result, model_score, strategy_outcome
 
 
 def test_compare_pipeline_fans_out_with_parallel_for(tmp_path: Path) -> None:
@@ -83,6 +83,7 @@ def synthetic_result() -> CompareResult:
         strategy_outcome("full", 0.90, 11_000_000, 30.0),
         data_uri="/data/<digits> & co",
         decision=decision,
+        references=(model_score("reference-logreg-pixels", 0.7, version=None, n=20),),
     )
 
 
@@ -105,6 +106,7 @@ def test_report_is_self_contained_html_and_markdown(tmp_path: Path) -> None:
         "How domain shift is measured",
     ):
         assert text in page
+    assert "reference-logreg-pixels" in page and "0.7000 [0.680, 0.720]" in page  # the floor, same split
     md = md_path.read_text()
     assert "| full ★ |" in md and "![Accuracy versus cost" in md
     assert all((md_path.parent / "plots" / name).exists() for name in re.findall(r"\(plots/([^)]+)\)", md))

@@ -62,6 +62,16 @@ def test_evaluate_scores_candidates_and_champion_on_the_same_split(exported) -> 
     assert base.n == snapshot.counts["test"] == evaluation.test_size
     assert base.accuracy_ci95[0] <= base.accuracy <= base.accuracy_ci95[1]
     assert sum(map(sum, base.confusion_matrix)) == base.n
+    # the pixel references, fitted on the train split, scored on the same test images
+    references = {s.name: s for s in evaluation.scores if s.kind == "reference"}
+    assert set(references) == {"reference-logreg-pixels", "reference-majority"}
+    assert all(r.n == base.n for r in references.values())
+    train_labels = [e.label for e in snapshot.split("train")]
+    majority = max(snapshot.class_names, key=train_labels.count)
+    test_share = sum(e.label == majority for e in snapshot.split("test")) / base.n
+    assert references["reference-majority"].accuracy == pytest.approx(test_share)
+    assert evaluation.reference_score() == max(references.values(), key=lambda r: r.accuracy)
+    assert evaluation.winner in {"baseline"}  # a reference never wins: only the gate reads it
 
 
 def test_finetune_must_beat_baseline_by_the_margin() -> None:
@@ -94,6 +104,29 @@ def test_gate_refuses_an_equal_model_and_says_why() -> None:
     )
     assert not decision.promote
     assert any("not better than champion v1" in r for r in decision.reasons)
+
+
+def test_gate_refuses_a_winner_that_a_pixel_reference_beats_and_names_both_scores() -> None:
+    reference = model_score("reference-logreg-pixels", 0.92).model_copy(update={"kind": "reference"})
+    refused = decide_gate(
+        model_score("w", 0.9), None, export_result(), None, GateConfig(), reference=reference
+    )
+    assert not refused.promote
+    assert "does not beat the reference reference-logreg-pixels: 0.9000 vs 0.9200" in " ".join(
+        refused.reasons
+    )
+    tie = decide_gate(model_score("w", 0.92), None, export_result(), None, GateConfig(), reference=reference)
+    assert not tie.promote  # beating means doing better
+    margin = GateConfig(reference_margin=0.05)
+    assert decide_gate(
+        model_score("w", 0.96), None, export_result(), None, GateConfig(), reference=reference
+    ).promote
+    assert not decide_gate(
+        model_score("w", 0.96), None, export_result(), None, margin, reference=reference
+    ).promote
+    assert decide_gate(
+        model_score("w", 0.98), None, export_result(), None, margin, reference=reference
+    ).promote
 
 
 def test_gate_parity_latency_and_significance() -> None:
@@ -148,8 +181,11 @@ def test_registry_promotion_history_and_rollback(exported, tmp_path: Path) -> No
     lease = FileLease(tmp_path / "lease.lock")
     cfg = GateConfig(min_accuracy=0.0)
 
-    def one_run(champion_score: ModelScore | None, champion: ChampionRef | None) -> tuple[str, bool]:
-        scores = (model_score("baseline", 0.9),) + ((champion_score,) if champion_score else ())
+    def one_run(
+        champion_score: ModelScore | None, champion: ChampionRef | None, reference: float = 0.5
+    ) -> tuple[str, bool]:
+        floor = model_score("reference-logreg-pixels", reference).model_copy(update={"kind": "reference"})
+        scores = (model_score("baseline", 0.9), floor) + ((champion_score,) if champion_score else ())
         evaluation = Evaluation(
             scores=scores,
             winner="baseline",
@@ -187,6 +223,14 @@ def test_registry_promotion_history_and_rollback(exported, tmp_path: Path) -> No
             )
         return version, decision.promote
 
+    v0, promoted0 = one_run(None, None, reference=0.95)  # a linear model on pixels does better
+    assert not promoted0 and get_champion(uri, settings.registry.model_name) is None
+    tags = client.get_model_version(settings.registry.model_name, v0).tags
+    assert tags["adaptflow.gate.decision"] == "rejected"
+    assert (
+        "does not beat the reference reference-logreg-pixels: 0.9000 vs 0.9500"
+        in tags["adaptflow.gate.reasons"]
+    )
     v1, promoted1 = one_run(None, None)
     assert promoted1 and get_champion(uri, settings.registry.model_name).version == v1  # type: ignore[union-attr]
     ref = get_champion(uri, settings.registry.model_name)

@@ -21,6 +21,12 @@ SUMMARY: dict[str, Any] = {
     },
     "backbone": {"name": "resnet18", "init": "pretrained", "sha256": "ab" * 32},
     "baseline": {"metrics": {"accuracy": 0.8125, "accuracy_ci95": [0.71, 0.9], "macro_f1": 0.8}},
+    "reference": {
+        "name": "reference-logreg-pixels",
+        "accuracy": 0.75,
+        "accuracy_ci95": [0.6, 0.9],
+        "scores": {"reference-logreg-pixels": 0.75, "reference-majority": 0.25},
+    },
     "advisor": {"reason": "fine-tune (partial): baseline val accuracy 0.800 is below the target 0.970"},
     "finetune": {
         "ran": True,
@@ -110,6 +116,7 @@ def test_summary_shows_winner_gate_and_promotion() -> None:
     assert "mlflow sqlite:///state/mlflow.db run run-abc" in lines
     assert "stage seconds ingest 1.0 baseline 12.4" in lines
     assert "backbone resnet18, pretrained" in lines
+    assert "references (pixels) test accuracy logreg-pixels 0.7500 majority 0.2500" in lines
 
 
 def test_a_backbone_trained_from_scratch_says_so() -> None:

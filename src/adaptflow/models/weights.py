@@ -183,7 +183,9 @@ def resolve_weights(spec: BackboneSpec, cache_dir: str | Path) -> ResolvedWeight
     enum = _enum_weights(spec)
     uri = spec.weights_uri or (enum.url if enum is not None else None)
     if uri is None:
-        log.warning("backbone %s starts from scratch (backbone.weights=none): no pretrained weights", spec.name)
+        log.warning(
+            "backbone %s starts from scratch (backbone.weights=none): no pretrained weights", spec.name
+        )
         return ResolvedWeights(None, RANDOM_INIT, "from scratch", default_preprocessing(spec))
     cache = Path(cache_dir)
     if enum is not None and spec.weights_uri is None:
