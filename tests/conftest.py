@@ -45,6 +45,9 @@ class TinyAssets:
             "export.latency_runs=3",
             "evaluate.bootstrap_samples=200",
             "gate.min_accuracy=0.3",
+            # 2 epochs on 32-px digits do not beat logistic regression on their pixels; the floor is
+            # tested on its own (test_evaluate_export_registry) and by the demo
+            "gate.reference_margin=null",
         ]
 
 

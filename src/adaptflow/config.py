@@ -157,9 +157,7 @@ class GateConfig(Section):
     max_latency_ms: float = Field(250.0, gt=0, description="ONNX batch-1 p50 latency budget")
     require_significance: bool = False
     alpha: float = Field(0.05, gt=0, lt=1)
-    reference_margin: float = Field(
-        0.0, ge=0, le=1, description="must beat the pixel references by this much"
-    )
+    reference_margin: float | None = Field(0.0, ge=0, le=1, description="beat references by; null: off")
 
 
 class RegistryConfig(Section):

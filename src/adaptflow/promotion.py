@@ -68,8 +68,13 @@ def decide_gate(
         f"ONNX p50 latency {export.latency_ms_p50:.2f} ms within {cfg.max_latency_ms:.0f} ms",
         f"ONNX p50 latency {export.latency_ms_p50:.2f} ms exceeds {cfg.max_latency_ms:.0f} ms",
     )
-    if reference is not None:
-        gain, margin = a - reference.accuracy, cfg.reference_margin
+    margin = cfg.reference_margin
+    if reference is not None and margin is None:
+        reasons.append(
+            f"reference {reference.name} {reference.accuracy:.4f} (gate.reference_margin=null: not checked)"
+        )
+    elif reference is not None and margin is not None:
+        gain = a - reference.accuracy
         check(
             gain > 0 and gain >= margin,
             f"beats the reference {reference.name} by {gain:+.4f} ({a:.4f} vs {reference.accuracy:.4f}; "

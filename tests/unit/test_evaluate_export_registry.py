@@ -13,7 +13,7 @@ from adaptflow.evaluation import ChampionModel, choose_winner, evaluate, mcnemar
 from adaptflow.export import export_onnx
 from adaptflow.lease import FileLease
 from adaptflow.onnx_model import load_onnx_classifier
-from adaptflow.promotion import decide_gate
+from adaptflow.promotion import GateDecision, decide_gate
 from concurrency import peak_concurrency
 from factories import export_result, model_score
 
@@ -108,25 +108,21 @@ def test_gate_refuses_an_equal_model_and_says_why() -> None:
 
 def test_gate_refuses_a_winner_that_a_pixel_reference_beats_and_names_both_scores() -> None:
     reference = model_score("reference-logreg-pixels", 0.92).model_copy(update={"kind": "reference"})
-    refused = decide_gate(
-        model_score("w", 0.9), None, export_result(), None, GateConfig(), reference=reference
-    )
+
+    def gate(accuracy: float, cfg: GateConfig) -> GateDecision:
+        return decide_gate(model_score("w", accuracy), None, export_result(), None, cfg, reference=reference)
+
+    refused = gate(0.9, GateConfig())
     assert not refused.promote
     assert "does not beat the reference reference-logreg-pixels: 0.9000 vs 0.9200" in " ".join(
         refused.reasons
     )
-    tie = decide_gate(model_score("w", 0.92), None, export_result(), None, GateConfig(), reference=reference)
-    assert not tie.promote  # beating means doing better
-    margin = GateConfig(reference_margin=0.05)
-    assert decide_gate(
-        model_score("w", 0.96), None, export_result(), None, GateConfig(), reference=reference
-    ).promote
-    assert not decide_gate(
-        model_score("w", 0.96), None, export_result(), None, margin, reference=reference
-    ).promote
-    assert decide_gate(
-        model_score("w", 0.98), None, export_result(), None, margin, reference=reference
-    ).promote
+    assert not gate(0.92, GateConfig()).promote  # beating means doing better
+    assert gate(0.96, GateConfig()).promote
+    assert not gate(0.96, GateConfig(reference_margin=0.05)).promote
+    assert gate(0.98, GateConfig(reference_margin=0.05)).promote
+    off = gate(0.5, GateConfig(min_accuracy=0.1, reference_margin=None))
+    assert off.promote and "gate.reference_margin=null: not checked" in " ".join(off.reasons)
 
 
 def test_gate_parity_latency_and_significance() -> None:
