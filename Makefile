@@ -9,7 +9,7 @@ IMAGE ?= adaptflow:dev
 BASE_IMAGE ?=
 GIT_COMMIT ?=
 
-.PHONY: install run test test-all lint typecheck clean image test-container stack-up stack-down stack-status
+.PHONY: install run test test-all lint typecheck clean image test-container stack-up stack-down stack-status bench-real
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,3 +62,8 @@ stack-status:
 
 clean:
 	rm -rf .adaptflow build *.egg-info
+
+## Real-data benchmark: Fashion-MNIST split task, sizes 10,50,250 x 3 seeds, table into bench/RESULTS.md.
+## Needs `apt-get install dataset-fashion-mnist`; about an hour on 2 CPU cores (pretraining cached in the workdir).
+bench-real: $(STAMP)
+	$(BIN)/python bench/real_data.py --workdir .adaptflow/real-data --sizes 10,50,250 --seeds 3

@@ -14,29 +14,19 @@ average by more than the promotion margin (0.01). Measured (bench/RESULTS.md):
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench_modules import load_bench
+
 SEEDS = (0, 1, 2)
-
-
-def _evidence() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("adaptflow_bench_evidence", ROOT / "bench" / "evidence.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def ev() -> ModuleType:
-    return _evidence()
+    return load_bench("evidence")
 
 
 @pytest.fixture(scope="module")
