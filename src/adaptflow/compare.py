@@ -47,6 +47,7 @@ from adaptflow.data.images import ImageStore
 from adaptflow.errors import ConfigError
 from adaptflow.stage_logs import log_compare_file, log_compare_result
 from adaptflow.tracking import TrackingContext
+from adaptflow.training.schedule import planned_epochs
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,8 @@ def assemble(
 
     base = next(o for o in outcomes if o.strategy == BASELINE)
     others = [o.score for o in outcomes if o.strategy != BASELINE]
-    best, reason = choose_winner(base.score, others, settings.evaluate.finetune_margin)
+    val = {o.score.name: (o.val_accuracy, len(snapshot.split("val"))) for o in outcomes}
+    best, reason = choose_winner(base.score, others, settings.evaluate.finetune_margin, val)
     best_strategy = next(o.strategy for o in outcomes if o.score.name == best)
     return CompareResult(
         data_uri=data_uri,
@@ -193,7 +195,7 @@ def assemble(
         best=best_strategy,
         best_reason=reason,
         finetune_margin=settings.evaluate.finetune_margin,
-        epochs=settings.finetune.epochs,
+        epochs=planned_epochs(baseline.decision.signals, settings.finetune),
         device=baseline.candidate.cost.device,
         tracking_uri=tracking_uri,
         run_id=run_id,

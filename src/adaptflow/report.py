@@ -205,7 +205,7 @@ def write_report(result: CompareResult, out_dir: str | Path) -> tuple[Path, Path
         ("fingerprint", result.fingerprint[:16]),
         ("images", ", ".join(f"{k} {v}" for k, v in result.counts.items())),
         ("smallest class (train)", str(result.min_train_images_per_class)),
-        ("fine-tuning epochs", str(result.epochs)),
+        ("fine-tuning epochs (planned)", str(result.epochs)),
         ("device", result.device),
         ("generated", when),
     ]

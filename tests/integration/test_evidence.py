@@ -8,8 +8,9 @@ average by more than the promotion margin (0.01). Measured (bench/RESULTS.md):
   reproduced (0.988 mean vs 0.958, 3/3 seeds).
 - With few images (10/class, in-domain), transfer beats training from scratch: reproduced for the
   same network and training from the source weights vs a random init (0.888 vs 0.805, 3/3 seeds).
-- With few images in-domain, the advisor keeps the baseline: yes; but "within the margin" is NOT
-  reproduced: fine-tuning would have gained +0.06/+0.07 in every seed (an xfail that says so).
+- With few images in-domain, the advisor keeps the baseline "within the margin": NOT reproduced
+  (fine-tuning gained +0.06/+0.07 in every seed), so the advisor now fine-tunes there, and the test
+  checks that fine-tuning beats the baseline.
 """
 
 from __future__ import annotations
@@ -66,24 +67,20 @@ def few_in_domain(ev: ModuleType, workdir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_few_images_in_domain_the_advisor_keeps_the_baseline(few_in_domain: list[dict]) -> None:
+def test_few_images_in_domain_the_advisor_fine_tunes(few_in_domain: list[dict]) -> None:
+    """Was "the advisor keeps the baseline": measured false (fine-tuning gained +0.06/+0.07 in every seed),
+    so the few-images rule is off by default and fine-tuning trains for a step-sized schedule."""
     for run in few_in_domain:
         base = run["baseline"]
-        assert not base.advisor_finetune and "too little data" in base.advisor_reason, base.advisor_reason
+        assert base.advisor_finetune and "too little data" not in base.advisor_reason, base.advisor_reason
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="not reproduced at the default 12 epochs: fine-tuning 10 images/class in-domain beats the baseline "
-    "by +0.06 (partial) and +0.07 (full) in every seed (bench/RESULTS.md), so keeping the baseline costs accuracy",
-    strict=False,
-)
-def test_few_images_in_domain_keeping_the_baseline_costs_less_than_the_margin(
-    few_in_domain: list[dict],
-) -> None:
-    for run in few_in_domain:
-        base = run["baseline"]
-        assert max(run["partial"].accuracy, run["full"].accuracy) <= base.accuracy + 0.01
+def test_few_images_in_domain_fine_tuning_beats_the_baseline(few_in_domain: list[dict]) -> None:
+    gains = [
+        max(run["partial"].accuracy, run["full"].accuracy) - run["baseline"].accuracy for run in few_in_domain
+    ]
+    assert min(gains) > 0 and sum(gains) / len(gains) > 0.01, gains
 
 
 @pytest.mark.slow

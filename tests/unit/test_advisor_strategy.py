@@ -8,7 +8,7 @@ from adaptflow.config import AdvisorConfig, FinetuneConfig, load_settings
 from adaptflow.contracts import FinetuneDecision
 from adaptflow.training.advisor import advise, finetune_settings
 
-ON = AdvisorConfig(choose_strategy=True, high_shift=1.0, few_images_per_class=50)
+ON = AdvisorConfig(choose_strategy=True, high_shift=1.0, few_images_per_class=50, min_images_per_class=20)
 
 
 def _signals(
@@ -77,3 +77,18 @@ def test_low_or_unknown_shift_with_enough_images_keeps_the_configured_strategy(s
 def test_choice_never_overrides_keeping_the_baseline(signals: dict, phrase: str) -> None:
     decision = advise(signals, ON, FinetuneConfig())
     assert not decision.should_finetune and phrase in decision.reason
+
+
+def test_few_images_alone_no_longer_keeps_the_baseline_by_default() -> None:
+    # measured: with 6 training images per class fine-tuning beat the linear probe (bench/RESULTS.md)
+    assert AdvisorConfig().min_images_per_class is None
+    decision = advise(_signals(per_class=6, shift=0.1), AdvisorConfig(), FinetuneConfig())
+    assert decision.should_finetune and "too little data" not in decision.reason
+
+
+@pytest.mark.parametrize(("acc", "low", "enough"), [(1.0, 0.72, False), (0.99, 0.975, True)])
+def test_enough_is_judged_on_the_lower_bound_of_val_accuracy(acc: float, low: float, enough: bool) -> None:
+    signals = {**_signals(acc=acc), "baseline_val_accuracy_low": low}
+    decision = advise(signals, AdvisorConfig(), FinetuneConfig())
+    assert decision.should_finetune is not enough
+    assert f"95% lower bound {low:.3f}" in decision.reason

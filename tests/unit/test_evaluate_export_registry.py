@@ -83,6 +83,25 @@ def test_finetune_must_beat_baseline_by_the_margin() -> None:
     assert name == "finetune-full" and "+0.0300" in reason
 
 
+@pytest.mark.parametrize(
+    ("test_accuracy", "val_accuracy", "winner", "phrase"),
+    [
+        (0.895, 0.96, "finetune-full", "pooled"),  # within the margin on test, clearly ahead on val
+        (0.905, 0.88, "baseline", "not ahead"),  # within the margin, pooled a tie: the baseline stays
+        (0.85, 1.00, "baseline", "-0.0500"),  # a clear test-split loss is never overruled by validation
+        (0.93, 0.50, "finetune-full", "+0.0300"),  # a clear test-split win needs no validation
+    ],
+)
+def test_within_the_margin_validation_and_test_images_pooled_decide(
+    test_accuracy: float, val_accuracy: float, winner: str, phrase: str
+) -> None:
+    val = {"baseline": (0.90, 50), "finetune-full": (val_accuracy, 50)}
+    name, reason = choose_winner(
+        model_score("baseline", 0.90), [model_score("finetune-full", test_accuracy)], 0.01, val
+    )
+    assert name == winner and phrase in reason, reason
+
+
 def test_mcnemar_exact_known_values() -> None:
     y = np.zeros(20, dtype=int)
     a = np.zeros(20, dtype=int)

@@ -185,7 +185,8 @@ def _signals(acc: float, per_class: int = 100, estimate: float = 10.0) -> dict:
     ("signals", "cfg", "expected", "phrase"),
     [
         (_signals(0.99), AdvisorConfig(), False, "transfer learning is enough"),
-        (_signals(0.80, per_class=5), AdvisorConfig(), False, "too little data"),
+        (_signals(0.80, per_class=5), AdvisorConfig(min_images_per_class=20), False, "too little data"),
+        (_signals(0.80, per_class=5), AdvisorConfig(), True, "fine-tune (full)"),
         (_signals(0.80, estimate=5000), AdvisorConfig(), False, "over budget"),
         (_signals(0.80), AdvisorConfig(), True, "fine-tune (full)"),
         (_signals(0.99), AdvisorConfig(force=True), True, "forced"),

@@ -17,6 +17,7 @@ from adaptflow.training.candidates import load_candidate, save_candidate
 from adaptflow.training.data import make_loader
 from adaptflow.training.loop import fit
 from adaptflow.training.runtime import pick_device, reset_peak_memory, seed_everything
+from adaptflow.training.schedule import plan_schedule
 from adaptflow.training.strategies import (
     freeze_batchnorm,
     freeze_frozen_batchnorm,
@@ -50,17 +51,34 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
     if channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     pre, classes = base.preprocessing, base.class_names
+    train_images = len(snapshot.split("train"))
+    signals = inputs.baseline.decision.signals
+    speed, budget = signals.get("train_images_per_second"), signals.get("budget_seconds")
+    schedule = plan_schedule(
+        train_images,
+        cfg,
+        float(speed) if isinstance(speed, (int, float)) else None,
+        float(budget) if isinstance(budget, (int, float)) else None,
+    )
+    log.info(
+        "finetune-%s: batch %d, up to %d epochs (%s), patience %d",
+        cfg.strategy,
+        schedule.batch_size,
+        schedule.epochs,
+        schedule.why,
+        schedule.patience,
+    )
     train_loader = make_loader(
         snapshot.split("train"),
         classes,
         train_transform(pre) if cfg.augment else eval_transform(pre),
         store,
-        batch_size=cfg.batch_size,
+        batch_size=schedule.batch_size,
         shuffle=True,
         seed=inputs.seed,
         num_workers=cfg.num_workers,
         # a trailing batch of one image breaks BatchNorm in train mode (freeze_bn=false, scratch)
-        drop_last=len(snapshot.split("train")) % cfg.batch_size == 1,
+        drop_last=train_images % schedule.batch_size == 1,
     )
     val_loader = make_loader(
         snapshot.split("val"),
@@ -72,15 +90,15 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
         num_workers=cfg.num_workers,
     )
     optimizer = torch.optim.AdamW(plan.param_groups, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=schedule.epochs)
     trainable, total = count_parameters(model)
     loop = fit(
         model,
         train_loader,
         val_loader,
         optimizer,
-        epochs=cfg.epochs,
-        patience=cfg.patience,
+        epochs=schedule.epochs,
+        patience=schedule.patience,
         device=device,
         amp=cfg.amp,
         channels_last=channels_last,
@@ -109,7 +127,11 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
         },
         cost=loop.cost(start, device, params=(trainable, total), backbone_forward_images=loop.train_images),
         history=tuple(loop.history),
-        extra={"best_epoch": str(loop.best_epoch), "freeze_bn": str(cfg.freeze_bn)},
+        extra={
+            "best_epoch": str(loop.best_epoch),
+            "freeze_bn": str(cfg.freeze_bn),
+            **{key: str(value) for key, value in schedule.as_dict().items()},
+        },
     )
     model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     save_candidate(candidate, model.cpu(), out_dir)

@@ -1,0 +1,108 @@
+"""Kubeflow placement and runtime settings (``cluster:``): they land in the compiled IR, never in a result."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from adaptflow.config_base import Section
+
+STAGES = ("ingest", "baseline", "finetune", "keep_baseline", "evaluate", "export", "register")
+
+
+class Resources(Section):
+    cpu_request: str | None = None
+    cpu_limit: str | None = None
+    memory_request: str | None = None
+    memory_limit: str | None = None
+
+
+class Toleration(Section):
+    key: str
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class SecretEnv(Section):
+    """A Kubernetes secret whose keys become environment variables (``kfp.kubernetes.use_secret_as_env``)."""
+
+    secret_name: str
+    keys: dict[str, str] = Field(description="secret key -> env var name")
+    optional: bool = Field(False, description="start the pod even if the secret does not exist")
+
+
+class Retry(Section):
+    num_retries: int = Field(2, ge=0)
+    backoff_duration: str = "60s"
+    backoff_factor: float = Field(2.0, ge=1.0)
+    backoff_max_duration: str = "3600s"
+
+
+class ClusterConfig(Section):
+    """Placement and runtime settings for Kubeflow; all of them land in the compiled IR."""
+
+    image: str | None = Field(None, description="component image (default: adaptflow's release image)")
+    pipeline_root: str | None = Field(None, description="e.g. s3://bucket/pipeline-root")
+    resources: dict[str, Resources] = Field(
+        default_factory=lambda: {
+            "default": Resources(cpu_request="1", cpu_limit="2", memory_request="2Gi", memory_limit="4Gi"),
+            "baseline": Resources(cpu_request="4", cpu_limit="8", memory_request="8Gi", memory_limit="16Gi"),
+            "finetune": Resources(cpu_request="4", cpu_limit="8", memory_request="16Gi", memory_limit="32Gi"),
+        },
+        description="per stage, plus 'default' for the rest",
+    )
+    gpu_stages: tuple[str, ...] = ("baseline", "finetune")
+    accelerator_type: str | None = Field("nvidia.com/gpu", description="None runs every stage on CPU nodes")
+    accelerator_count: int = Field(1, ge=0)
+    node_selector: dict[str, str] = Field(default_factory=dict, description="for the GPU stages")
+    tolerations: tuple[Toleration, ...] = (
+        Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"),
+    )
+    shm_size: str | None = Field(
+        "2Gi", description="memory-backed /dev/shm for DataLoader workers; None: none"
+    )
+    secrets: tuple[SecretEnv, ...] = (
+        SecretEnv(
+            secret_name="adaptflow-s3",
+            keys={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
+        ),
+        SecretEnv(
+            secret_name="adaptflow-mlflow",
+            keys={
+                "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+            },
+            optional=True,  # only servers running the basic-auth app need it
+        ),
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="plain env for every stage, e.g. MLFLOW_TRACKING_URI, ADAPTFLOW_S3_ENDPOINT_URL",
+    )
+    retry: Retry = Retry()
+    retry_stages: tuple[str, ...] = ("baseline", "finetune", "export")
+    timeouts: dict[str, int] = Field(
+        default_factory=lambda: {"default": 3600, "baseline": 4 * 3600, "finetune": 12 * 3600},
+        description="seconds, per stage, plus 'default'",
+    )
+
+    @model_validator(mode="after")
+    def _known_stages(self) -> ClusterConfig:
+        known = (*STAGES, "default")
+        for field in ("resources", "timeouts"):
+            unknown = sorted(set(getattr(self, field)) - set(known))
+            if unknown:
+                raise ValueError(f"{field}: unknown stage(s) {unknown}; valid: {list(known)}")
+        for field in ("gpu_stages", "retry_stages"):
+            unknown = sorted(set(getattr(self, field)) - set(STAGES))
+            if unknown:
+                raise ValueError(f"{field}: unknown stage(s) {unknown}; valid: {list(STAGES)}")
+        return self
+
+    def resources_for(self, stage: str) -> Resources:
+        return self.resources.get(stage) or self.resources.get("default") or Resources()
+
+    def timeout_for(self, stage: str) -> int | None:
+        return self.timeouts.get(stage, self.timeouts.get("default"))
