@@ -177,6 +177,7 @@ def assemble(
 ) -> CompareResult:
     """The comparison, with the best row chosen like evaluate does (must beat the baseline by the margin)."""
     from adaptflow.evaluation import choose_winner
+    from adaptflow.models.weights import describe_backbone
 
     base = next(o for o in outcomes if o.strategy == BASELINE)
     others = [o.score for o in outcomes if o.strategy != BASELINE]
@@ -197,6 +198,7 @@ def assemble(
         finetune_margin=settings.evaluate.finetune_margin,
         epochs=planned_epochs(baseline.decision.signals, settings.finetune),
         device=baseline.candidate.cost.device,
+        backbone=describe_backbone(baseline.candidate.backbone.name, baseline.candidate.backbone_sha256),
         tracking_uri=tracking_uri,
         run_id=run_id,
     )

@@ -274,6 +274,7 @@ class CompareResult(Contract):
     finetune_margin: float
     epochs: int
     device: str
+    backbone: str = ""  # e.g. "resnet18, pretrained (sha256 fc872bdd…)" or "resnet18, from scratch"
     tracking_uri: str | None = None
     run_id: str | None = None
     report_html: str | None = None

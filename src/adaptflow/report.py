@@ -203,6 +203,7 @@ def write_report(result: CompareResult, out_dir: str | Path) -> tuple[Path, Path
     facts = [
         ("data", result.data_uri),
         ("fingerprint", result.fingerprint[:16]),
+        ("backbone", result.backbone or "not recorded"),
         ("images", ", ".join(f"{k} {v}" for k, v in result.counts.items())),
         ("smallest class (train)", str(result.min_train_images_per_class)),
         ("fine-tuning epochs (planned)", str(result.epochs)),

@@ -1,6 +1,7 @@
 """The literature's direction, checked on split-task digits (bench/evidence.py, issue 5 item 4).
 
-Protocol: the default config (12 fine-tuning epochs, the advisor's choice on), three training seeds
+Protocol: the default config with fine-tuning fixed at 12 epochs (`finetune.epochs=12`; the default
+now sizes the schedule from the data), the advisor's choice on, three training seeds
 per condition on one snapshot and one test split; a claim holds when it holds in every seed and on
 average by more than the promotion margin (0.01). Measured (bench/RESULTS.md):
 

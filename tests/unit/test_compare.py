@@ -109,5 +109,19 @@ def test_report_is_self_contained_html_and_markdown(tmp_path: Path) -> None:
     assert "reference-logreg-pixels" in page and "0.7000 [0.680, 0.720]" in page  # the floor, same split
     md = md_path.read_text()
     assert "| full ★ |" in md and "![Accuracy versus cost" in md
+    assert "- **backbone**: not recorded" in md  # a result saved before the field existed
     assert all((md_path.parent / "plots" / name).exists() for name in re.findall(r"\(plots/([^)]+)\)", md))
     assert CompareResult.model_validate_json(synthetic_result().model_dump_json()) == synthetic_result()
+
+
+def test_report_says_whether_the_backbone_was_pretrained_or_from_scratch(tmp_path: Path) -> None:
+    from adaptflow.models.weights import RANDOM_INIT, describe_backbone
+    from adaptflow.report import write_report
+
+    for sha, label in (
+        (RANDOM_INIT, "resnet18, from scratch (backbone.weights=none)"),
+        ("ab" * 32, "pretrained"),
+    ):
+        result = synthetic_result().model_copy(update={"backbone": describe_backbone("resnet18", sha)})
+        html_path, md_path = write_report(result, tmp_path / sha[:6])
+        assert label in md_path.read_text() and label in html_path.read_text()

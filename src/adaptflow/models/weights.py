@@ -71,6 +71,13 @@ def init_label(backbone_sha256: str) -> str:
     return "from scratch" if backbone_sha256 == RANDOM_INIT else "pretrained"
 
 
+def describe_backbone(name: str, backbone_sha256: str) -> str:
+    """What a report says about the backbone: pretrained (with its hash) or from scratch."""
+    if backbone_sha256 == RANDOM_INIT:
+        return f"{name}, from scratch (backbone.weights=none)"
+    return f"{name}, pretrained (sha256 {backbone_sha256[:12]})"
+
+
 def _enum_weights(spec: BackboneSpec) -> Any:
     import torchvision
 
