@@ -23,7 +23,7 @@ import logging
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import mean, stdev
 
@@ -181,6 +181,7 @@ class Bench:
     source: dict
     n_test: int
     skipped: list[tuple[int, int]] = field(default_factory=list)  # (size, seed) not started: budget spent
+    kept: list[tuple[int, int]] = field(default_factory=list)  # (size, seed) resumed from scores.jsonl
 
 
 def run_bench(
@@ -192,8 +193,14 @@ def run_bench(
     source_per_class: int | None = None,
     budget_seconds: float | None = None,
     log: logging.Logger | None = None,
+    resume: bool = False,
 ) -> Bench:
-    """Every (seed, size) condition, seed by seed; with ``budget_seconds``, no condition starts after it."""
+    """Every (seed, size) condition, seed by seed; with ``budget_seconds``, no condition starts after it.
+
+    Each finished condition's scores are appended to ``workdir/scores.jsonl``; ``resume`` keeps the
+    conditions found there (every method scored) and runs only the rest, so a time-boxed or
+    interrupted run can be completed. Without it the file starts empty.
+    """
     log = log or logging.getLogger("bench.real_data")
     workdir.mkdir(parents=True, exist_ok=True)
     folder = find_dataset_dir()
@@ -206,10 +213,22 @@ def run_bench(
     source = pretrain_source(workdir, train_x, train_y, pretrain_epochs, source_per_class)
     log.warning("source weights ready (%.0f s): %s", time.perf_counter() - t0, source)
     home = workdir / "adaptflow"
-    scores: list[Score] = []
+    saved = workdir / "scores.jsonl"
+    scores = load_scores(saved) if resume else []
+    if not resume:
+        saved.write_text("")
+    done = {
+        (size, seed)
+        for size, seed in {(s.size, s.seed) for s in scores}
+        if _complete(scores, size, seed, methods)
+    }
+    scores = [s for s in scores if (s.size, s.seed) in done]
     skipped: list[tuple[int, int]] = []
     for seed in range(seeds):
         for size in sizes:
+            if (size, seed) in done:
+                log.warning("n=%d seed=%d: kept from %s", size, seed, saved)
+                continue
             if budget_seconds is not None and time.perf_counter() - t0 > budget_seconds:
                 skipped.append((size, seed))
                 continue
@@ -221,9 +240,21 @@ def run_bench(
             for method in methods:
                 if method in ADAPTFLOW_METHODS:
                     scores.append(run_adaptflow(method, data, test, home, source, size, seed))
-            for s in scores[-len(methods) :]:
-                log.warning("n=%d seed=%d %s: %.4f (%.0f s)", size, seed, s.method, s.accuracy, s.seconds)
-    return Bench(scores, source, len(official), skipped)
+            with saved.open("a") as out:
+                for s in scores[-len(methods) :]:
+                    out.write(json.dumps(asdict(s)) + "\n")
+                    log.warning("n=%d seed=%d %s: %.4f (%.0f s)", size, seed, s.method, s.accuracy, s.seconds)
+    return Bench(scores, source, len(official), skipped, sorted(done))
+
+
+def load_scores(path: Path) -> list[Score]:
+    if not path.exists():
+        return []
+    return [Score(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _complete(scores: list[Score], size: int, seed: int, methods: tuple[str, ...]) -> bool:
+    return set(methods) <= {s.method for s in scores if (s.size, s.seed) == (size, seed)}
 
 
 def _spread(values: list[float]) -> str:
@@ -243,7 +274,13 @@ def markdown(bench: Bench, command: str, seconds: float, sizes: list[int], seeds
         f"- machine: {machine_line()}",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- command: `{command}`",
-        f"- total wall time: {seconds:.0f} s",
+        f"- total wall time: {seconds:.0f} s"
+        + (
+            f" (this invocation; {', '.join(f'n={n} seed {s}' for n, s in bench.kept)} kept from an earlier "
+            "one with the same code through `--resume`)"
+            if bench.kept
+            else ""
+        ),
         f"- run: sizes {', '.join(map(str, sizes))} images/class, seeds {', '.join(map(str, seed_list))}"
         + (f" — **partial run**: {partial}" if partial else " (the full requested grid)"),
         "- data: Fashion-MNIST (Debian `dataset-fashion-mnist`, 28x28 grayscale). Source = classes 0-4 "
@@ -332,6 +369,11 @@ def main(argv: list[str] | None = None) -> None:
         help="start no new size/seed condition after this many seconds (the table then says which were skipped)",
     )
     parser.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the conditions already in WORKDIR/scores.jsonl, run the rest",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -349,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
             args.seeds,
             args.pretrain_epochs,
             budget_seconds=args.budget_seconds,
+            resume=args.resume,
         )
     except DatasetMissing as error:
         sys.exit(f"error: {error}")

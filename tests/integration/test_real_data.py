@@ -62,3 +62,6 @@ def test_reduced_benchmark(rd: ModuleType, tmp_path: Path) -> None:
     section = rd.markdown(bench, "python bench/real_data.py --sizes 50 --seeds 1", 1.0, [50], 1, "test")
     assert section.startswith(rd.HEADING) and "partial run" in section
     assert "beat every reference" in section
+    # a resumed run keeps every finished condition from scores.jsonl instead of training again
+    again = rd.run_bench(tmp_path, sizes=[50], seeds=1, pretrain_epochs=1, source_per_class=300, resume=True)
+    assert again.kept == [(50, 0)] and again.scores == bench.scores
