@@ -7,8 +7,10 @@ average by more than the promotion margin (0.01). Measured (bench/RESULTS.md):
 
 - On the shifted target (inverted + rotated), full fine-tuning beats the frozen baseline:
   reproduced (0.988 mean vs 0.958, 3/3 seeds).
-- With few images (10/class, in-domain), transfer beats training from scratch: reproduced for the
-  same network and training from the source weights vs a random init (0.888 vs 0.805, 3/3 seeds).
+- With few images (10/class, in-domain), transfer beats training from scratch: reproduced at first
+  (0.888 vs 0.805, 3/3 seeds), but only while 12 epochs of 64-image batches gave each run about 12
+  optimizer steps. With the data-sized batches scratch caught up (gains -0.051, -0.084, 0.000): an
+  xfail that says so.
 - With few images in-domain, the advisor keeps the baseline "within the margin": NOT reproduced
   (fine-tuning gained +0.06/+0.07 in every seed), so the advisor now fine-tunes there, and the test
   checks that fine-tuning beats the baseline.
@@ -85,6 +87,12 @@ def test_few_images_in_domain_fine_tuning_beats_the_baseline(few_in_domain: list
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    reason="not reproduced once both are trained for enough steps: with the data-sized batches (8 images, "
+    "about 5 steps per epoch instead of 1) full fine-tuning minus scratch was -0.051, -0.084, 0.000 over "
+    "3 seeds (2026-11-26); the earlier 0.888 vs 0.805 came from a from-scratch run of 12 optimizer steps",
+    strict=False,
+)
 def test_few_images_transfer_beats_training_from_scratch(few_in_domain: list[dict]) -> None:
     """The same network and training (``full``), from the source weights or from a random init."""
     gains = [run["full"].accuracy - run["scratch"].accuracy for run in few_in_domain]
