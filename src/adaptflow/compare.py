@@ -181,7 +181,8 @@ def assemble(
 
     base = next(o for o in outcomes if o.strategy == BASELINE)
     others = [o.score for o in outcomes if o.strategy != BASELINE]
-    val = {o.score.name: (o.val_accuracy, len(snapshot.split("val"))) for o in outcomes}
+    val_images = len(snapshot.split("val"))
+    val = {o.score.name: (o.val_accuracy, val_images) for o in outcomes}
     best, reason = choose_winner(base.score, others, settings.evaluate.finetune_margin, val)
     best_strategy = next(o.strategy for o in outcomes if o.score.name == best)
     return CompareResult(

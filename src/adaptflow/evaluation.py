@@ -171,7 +171,8 @@ def choose_winner(
             f"{best.name} beats the transfer-learning baseline by {gain:+.4f} test accuracy "
             f"{versus}, at least the finetune_margin {margin:.4f}"
         )
-    if val is not None and gain > -margin and best.name in val and baseline.name in val:
+    pooled_decides = val is not None and gain > -margin and best.name in val and baseline.name in val
+    if val is not None and pooled_decides:
 
         def pooled(s: ModelScore) -> float:
             accuracy, images = val[s.name]
@@ -186,11 +187,7 @@ def choose_winner(
     return baseline.name, (
         f"transfer learning kept: {best.name} is {gain:+.4f} vs the baseline {versus}, less than the "
         f"finetune_margin {margin:.4f} that would pay for fine-tuning"
-        + (
-            " and not ahead on validation and test images pooled"
-            if val is not None and gain > -margin
-            else ""
-        )
+        + (" and not ahead on validation and test images pooled" if pooled_decides else "")
     )
 
 
@@ -222,6 +219,7 @@ def evaluate(
     predictions: dict[str, np.ndarray] = {}
     seen: set[str] = set()
     val: dict[str, tuple[float, int]] = {}
+    val_images = len(snapshot.split("val"))
     for folder in candidate_dirs:
         candidate = Candidate.load(folder)
         if candidate.name in seen:
@@ -230,7 +228,7 @@ def evaluate(
         if tuple(candidate.class_names) != classes:
             raise ValueError(f"candidate {candidate.name} was trained on other classes than this snapshot")
         predictions[candidate.name] = predict_candidate(folder, test, store, cfg.batch_size)
-        val[candidate.name] = (candidate.metrics["val_accuracy"], len(snapshot.split("val")))
+        val[candidate.name] = (candidate.metrics["val_accuracy"], val_images)
         scores.append(score(candidate.name, "candidate", y_true, predictions[candidate.name], classes, cfg))
 
     baseline = next(s for s in scores if s.name == "baseline")

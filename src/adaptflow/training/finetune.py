@@ -17,7 +17,7 @@ from adaptflow.training.candidates import load_candidate, save_candidate
 from adaptflow.training.data import make_loader
 from adaptflow.training.loop import fit
 from adaptflow.training.runtime import pick_device, reset_peak_memory, seed_everything
-from adaptflow.training.schedule import plan_schedule
+from adaptflow.training.schedule import schedule_from_signals
 from adaptflow.training.strategies import (
     freeze_batchnorm,
     freeze_frozen_batchnorm,
@@ -52,14 +52,7 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     pre, classes = base.preprocessing, base.class_names
     train_images = len(snapshot.split("train"))
-    signals = inputs.baseline.decision.signals
-    speed, budget = signals.get("train_images_per_second"), signals.get("budget_seconds")
-    schedule = plan_schedule(
-        train_images,
-        cfg,
-        float(speed) if isinstance(speed, (int, float)) else None,
-        float(budget) if isinstance(budget, (int, float)) else None,
-    )
+    schedule = schedule_from_signals(train_images, cfg, inputs.baseline.decision.signals)
     log.info(
         "finetune-%s: batch %d, up to %d epochs (%s), patience %d",
         cfg.strategy,

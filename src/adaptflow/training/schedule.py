@@ -79,6 +79,17 @@ def estimated_seconds(schedule: Schedule, train_images: int, images_per_second: 
     return schedule.epochs * train_images / images_per_second * VALIDATION_OVERHEAD
 
 
+def schedule_from_signals(train_images: int, cfg: FinetuneConfig, signals: Mapping[str, object]) -> Schedule:
+    """The schedule the baseline stage planned, planned again from its recorded advisor signals."""
+    speed, budget = signals.get("train_images_per_second"), signals.get("budget_seconds")
+    return plan_schedule(
+        train_images,
+        cfg,
+        float(speed) if isinstance(speed, (int, float)) else None,
+        float(budget) if isinstance(budget, (int, float)) else None,
+    )
+
+
 def planned_epochs(signals: Mapping[str, object], cfg: FinetuneConfig) -> int:
     """The epochs the baseline stage planned for fine-tuning (its advisor signal), else the config's."""
     planned = signals.get("planned_finetune_epochs")
