@@ -9,7 +9,7 @@ IMAGE ?= adaptflow:dev
 BASE_IMAGE ?=
 GIT_COMMIT ?=
 
-.PHONY: install run test test-all lint typecheck clean image test-container stack-up stack-down stack-status bench-real
+.PHONY: install run test test-all lint typecheck clean image test-container stack-up stack-down stack-status bench-real bench-shift
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,3 +67,8 @@ clean:
 ## Needs `apt-get install dataset-fashion-mnist`; about an hour on 2 CPU cores (pretraining cached in the workdir).
 bench-real: $(STAMP)
 	$(BIN)/python bench/real_data.py --workdir .adaptflow/real-data --sizes 10,50,250 --seeds 3
+
+## Domain shift on real pairs: the advisor's two shift signals on digits/fashion backbones and targets.
+## Reuses bench-real's fashion backbone when it is there; about 30 s once the backbones exist.
+bench-shift: $(STAMP)
+	$(BIN)/python bench/domain_shift.py --workdir .adaptflow/shift-pairs --fashion-workdir .adaptflow/real-data

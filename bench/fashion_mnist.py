@@ -83,10 +83,12 @@ def write_tree(root: Path, images: np.ndarray, labels: np.ndarray, index: np.nda
     return root
 
 
-def draw(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """``per_class`` training indices of each target class: a seeded permutation's first ones (nested)."""
+def draw(
+    labels: np.ndarray, per_class: int, seed: int, classes: tuple[int, ...] = TARGET_CLASSES
+) -> np.ndarray:
+    """``per_class`` training indices of each class: a seeded permutation's first ones (nested)."""
     rng = np.random.default_rng(seed)
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in TARGET_CLASSES]
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes]
     return np.sort(np.concatenate(chosen))
 
 

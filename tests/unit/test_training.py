@@ -100,6 +100,10 @@ def test_baseline_candidate_and_decision(baseline_run) -> None:  # type: ignore[
     signals = result.decision.signals
     assert signals["min_train_images_per_class"] == min(snapshot.class_counts["train"].values())
     assert signals["domain_shift"] is not None and float(signals["domain_shift"]) > 0
+    # weights pretrained here carry their source task, so the semantic signal is measured too
+    assert 0.2 < float(signals["probe_cv_accuracy"]) <= 1.0  # type: ignore[arg-type]
+    assert isinstance(signals["transfer_gap"], float)
+    assert f"transfer gap {signals['transfer_gap']:.2f}" in result.decision.reason
     assert float(signals["estimated_finetune_seconds"]) > 0
     assert result.decision.reason
 

@@ -99,6 +99,11 @@ def _enum_weights(spec: BackboneSpec) -> Any:
         ) from None
 
 
+def _enum_source_task(weights: Any) -> dict[str, Any]:
+    """The enum's source-task accuracy and classes (the transfer-gap signal's reference)."""
+    return {key: weights.meta[key] for key in ("_metrics", "categories") if key in weights.meta}
+
+
 def _enum_preprocessing(weights: Any) -> Preprocessing:
     t = weights.transforms()
     crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else int(t.crop_size)
@@ -209,13 +214,16 @@ def resolve_weights(spec: BackboneSpec, cache_dir: str | Path) -> ResolvedWeight
             ) from None
         path = Path(torch.hub.get_dir()) / "checkpoints" / _filename(enum.url)
         digest = sha256_file(path) if path.exists() else HASH_PREFIX.search(_filename(enum.url)).group(1)  # type: ignore[union-attr]
-        return ResolvedWeights(state, digest, enum.url, _override(_enum_preprocessing(enum), spec))
+        return ResolvedWeights(
+            state, digest, enum.url, _override(_enum_preprocessing(enum), spec), _enum_source_task(enum)
+        )
     path, digest = fetch_verified(uri, expected_hash(spec, uri), cache)
     state, meta = read_weights_file(path)
     if "preprocessing" in meta:
         pre = Preprocessing.model_validate(meta["preprocessing"])
     elif enum is not None:
         pre = _enum_preprocessing(enum)
+        meta = {**_enum_source_task(enum), **meta}
     else:
         pre = default_preprocessing(spec)
     arch = meta.get("architecture")

@@ -7,6 +7,10 @@ Signals (all recorded in the decision and in MLflow):
   the frozen backbone's own BatchNorm layers see it (:mod:`adaptflow.training.shift`: mean
   per-channel KL divergence of the target's activation statistics from the stored source
   statistics, over every BatchNorm layer; 0 = looks like the source).
+- ``transfer_gap``: the semantic side of the shift, which the BatchNorm signal cannot see: how much
+  worse a cross-validated linear probe separates the target's classes than the backbone separated
+  its source classes, both chance-corrected (:mod:`adaptflow.training.transfer_gap`). Recorded and
+  explained; no rule acts on it yet.
 - ``estimated_finetune_seconds``: measured train throughput x planned epochs x train images,
   against ``budget_seconds``.
 
@@ -44,6 +48,8 @@ def advise(signals: dict[str, SignalValue], cfg: AdvisorConfig, ft: FinetuneConf
     estimate = float(signals["estimated_finetune_seconds"] or 0.0)
     shift = signals.get("domain_shift")
     shift_text = f", domain shift {float(shift):.2f}" if isinstance(shift, (int, float)) else ""
+    gap = signals.get("transfer_gap")
+    shift_text += f", transfer gap {float(gap):.2f}" if isinstance(gap, (int, float)) else ""
     strategy: str = ft.strategy
     layer_decay: float | None = None
     why = ""

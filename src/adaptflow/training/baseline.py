@@ -28,6 +28,7 @@ from adaptflow.training.probe import train_linear_probe
 from adaptflow.training.runtime import pick_device, reset_peak_memory, seed_everything
 from adaptflow.training.schedule import estimated_seconds, plan_schedule
 from adaptflow.training.shift import batchnorm_shift
+from adaptflow.training.transfer_gap import probe_cv_accuracy, source_task, transfer_gap
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,17 @@ def measure_train_throughput(
     return len(entries) / max(elapsed, 1e-6)
 
 
+def measure_transfer_gap(
+    features: np.ndarray, labels: np.ndarray, classes: int, inputs: BaselineInputs
+) -> tuple[float | None, float | None]:
+    """(cross-validated probe accuracy on train+val features, its gap to the source task) or Nones."""
+    probe = probe_cv_accuracy(features, labels, inputs.seed)
+    source = source_task(inputs.weights.meta)
+    if probe is None or source is None:
+        return probe, None
+    return probe, transfer_gap(probe, classes, source)
+
+
 def val_accuracy_lower_bound(accuracy: float, images: int) -> float:
     """The Wilson 95% lower bound: 38 of 38 validation images right is not yet 0.97 accuracy."""
     from scipy.stats import binomtest
@@ -143,6 +155,9 @@ def run_baseline(
     schedule = plan_schedule(len(train), inputs.finetune, throughput, budget)
     estimate = estimated_seconds(schedule, len(train), throughput)
     shift = measure_domain_shift(model, snapshot, inputs, store, device)
+    probe_cv, gap = measure_transfer_gap(
+        feats.features, np.concatenate([y_train.numpy(), y_val.numpy()]), len(classes), inputs
+    )
     signals: dict[str, SignalValue] = {
         "baseline_val_accuracy": round(best.val_accuracy, 6),
         "baseline_val_accuracy_low": round(val_accuracy_lower_bound(best.val_accuracy, len(val)), 6),
@@ -152,6 +167,8 @@ def run_baseline(
         "min_train_images_per_class": min(train_counts.values()),
         "train_images": len(train),
         "domain_shift": None if shift is None else round(shift, 4),
+        "probe_cv_accuracy": None if probe_cv is None else round(probe_cv, 4),
+        "transfer_gap": None if gap is None else round(gap, 4),
         "train_images_per_second": round(throughput, 2),
         "planned_finetune_epochs": schedule.epochs,
         "estimated_finetune_seconds": round(estimate, 2),
