@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adaptflow.config import FinetuneConfig
-from adaptflow.training.schedule import estimated_seconds, plan_schedule
+from adaptflow.training.schedule import plan_schedule
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,7 @@ def test_small_sets_get_small_batches_and_enough_steps(
 def test_bounds_come_from_the_config() -> None:
     tiny = plan_schedule(3, FinetuneConfig(max_epochs=40))
     assert tiny.batch_size == 8 and tiny.epochs == 40
-    fixed = plan_schedule(3, FinetuneConfig(epochs=2), images_per_second=1.0, budget_seconds=1.0)
+    fixed = plan_schedule(3, FinetuneConfig(epochs=2), epoch_seconds=1.0, budget_seconds=1.0)
     assert fixed.epochs == 2 and fixed.why == "finetune.epochs"
     assert plan_schedule(1000, FinetuneConfig(batch_size=4)).batch_size == 4
 
@@ -37,8 +37,7 @@ def test_bounds_come_from_the_config() -> None:
 def test_the_time_budget_caps_epochs_but_never_below_finetune_epochs() -> None:
     cfg = FinetuneConfig()
     free = plan_schedule(163, cfg)
-    capped = plan_schedule(163, cfg, images_per_second=100.0, budget_seconds=30.0)
-    assert capped.epochs < free.epochs and "budget" in capped.why
-    assert estimated_seconds(capped, 163, 100.0) <= 30.0
-    floor = plan_schedule(163, cfg, images_per_second=1.0, budget_seconds=1.0)
+    capped = plan_schedule(163, cfg, epoch_seconds=2.0, budget_seconds=30.0)
+    assert capped.epochs == 15 < free.epochs and "budget" in capped.why
+    floor = plan_schedule(163, cfg, epoch_seconds=100.0, budget_seconds=1.0)
     assert floor.epochs == 12

@@ -11,8 +11,9 @@ Signals (all recorded in the decision and in MLflow):
   worse a cross-validated linear probe separates the target's classes than the backbone separated
   its source classes, both chance-corrected (:mod:`adaptflow.training.transfer_gap`). Recorded and
   explained; no rule acts on it yet.
-- ``estimated_finetune_seconds``: measured train throughput x planned epochs x train images,
-  against ``budget_seconds``.
+- ``estimated_finetune_seconds``: the expected fine-tuning wall time (:mod:`adaptflow.training.cost`:
+  steady-state steps of the chosen strategy through the real loaders x early stopping's expected
+  epochs), against ``budget_seconds``; ``max_finetune_seconds`` if every planned epoch runs.
 
 Strategy choice (``choose_strategy``, on by default; only when fine-tuning pays):
 

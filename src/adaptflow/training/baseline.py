@@ -13,21 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from adaptflow.config import BackboneSpec, BaselineConfig, FinetuneConfig, Settings
 from adaptflow.contracts import BaselineResult, Candidate, Snapshot
-from adaptflow.data.images import ImageStore, eval_transform, train_transform
+from adaptflow.data.images import ImageStore, eval_transform
 from adaptflow.models.factory import Classifier, build_model, count_parameters
 from adaptflow.models.weights import ResolvedWeights, resolve_weights
-from adaptflow.training.advisor import SignalValue, advise
+from adaptflow.training.advisor import SignalValue, advise, choose_strategy
 from adaptflow.training.candidates import save_candidate
-from adaptflow.training.data import make_loader
+from adaptflow.training.cost import CostEstimate, estimate_cost
+from adaptflow.training.data import finetune_train_loader, make_loader
 from adaptflow.training.features import FeatureCache, cache_namespace, extract_features
 from adaptflow.training.probe import train_linear_probe
 from adaptflow.training.runtime import pick_device, reset_peak_memory, seed_everything
-from adaptflow.training.schedule import estimated_seconds, plan_schedule
+from adaptflow.training.schedule import Schedule, plan_schedule
 from adaptflow.training.shift import batchnorm_shift
+from adaptflow.training.strategies import schedule_epochs
 from adaptflow.training.transfer_gap import probe_cv_accuracy, source_task, transfer_gap
 
 log = logging.getLogger(__name__)
@@ -66,34 +67,27 @@ def measure_domain_shift(
     return batchnorm_shift(model.backbone, (x for x, _ in loader), device)
 
 
-def measure_train_throughput(
-    model: nn.Module, snapshot: Snapshot, inputs: BaselineInputs, store: ImageStore, device: torch.device
-) -> float:
-    """Images/s of one full forward+backward step, the unit of fine-tuning cost."""
-    pre = inputs.weights.preprocessing
-    entries = snapshot.split("train")[: min(32, inputs.finetune.batch_size)]
-    transform = train_transform(pre)
-    x = torch.stack([transform(store.image(e)) for e in entries]).to(device)
-    y = torch.as_tensor(_labels(entries, snapshot.class_names), device=device)
-    # A train-mode forward updates BatchNorm running statistics: without restoring them the saved
-    # baseline would score test images with statistics its head was never trained on.
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    model.train()
-    params = [p for p in model.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    start = time.perf_counter()
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    elapsed = time.perf_counter() - start
-    model.zero_grad(set_to_none=True)
-    for p in params:
-        p.requires_grad_(False)
-    model.eval()
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
-    return len(entries) / max(elapsed, 1e-6)
+def measure_finetune_cost(
+    model: Classifier,
+    snapshot: Snapshot,
+    inputs: BaselineInputs,
+    store: ImageStore,
+    device: torch.device,
+    strategy: str,
+) -> tuple[Schedule, CostEstimate]:
+    """The fine-tuning schedule and what it will cost, timed through the real loaders (training/cost.py)."""
+    ft = inputs.finetune.model_copy(update={"strategy": strategy})
+    train = snapshot.split("train")
+    pre, classes = inputs.weights.preprocessing, snapshot.class_names
+    schedule = plan_schedule(len(train), ft)
+    train_loader = finetune_train_loader(train, classes, pre, store, ft, schedule.batch_size, inputs.seed)
+    val_loader = make_loader(
+        snapshot.split("val"), classes, eval_transform(pre), store, batch_size=256, shuffle=False
+    )
+    cost = estimate_cost(model, train_loader, val_loader, schedule, ft, device)
+    # the budget caps the planned epochs at the measured epoch time (rounded as the signal records it)
+    capped = plan_schedule(len(train), ft, round(cost.epoch_seconds, 4), inputs.cfg.advisor.budget_seconds)
+    return capped, cost.for_schedule(capped, schedule_epochs(model, ft))
 
 
 def measure_transfer_gap(
@@ -150,14 +144,18 @@ def run_baseline(
 
     # Advisor signals, each measured here.
     train_counts = snapshot.class_counts["train"]
-    throughput = measure_train_throughput(model, snapshot, inputs, store, device)
-    budget = cfg.advisor.budget_seconds
-    schedule = plan_schedule(len(train), inputs.finetune, throughput, budget)
-    estimate = estimated_seconds(schedule, len(train), throughput)
     shift = measure_domain_shift(model, snapshot, inputs, store, device)
     probe_cv, gap = measure_transfer_gap(
         feats.features, np.concatenate([y_train.numpy(), y_val.numpy()]), len(classes), inputs
     )
+    strategy: str = inputs.finetune.strategy
+    if cfg.advisor.choose_strategy:
+        strategy = choose_strategy(
+            {"domain_shift": shift, "min_train_images_per_class": min(train_counts.values())},
+            cfg.advisor,
+            inputs.finetune,
+        )[0]
+    schedule, cost = measure_finetune_cost(model, snapshot, inputs, store, device, strategy)
     signals: dict[str, SignalValue] = {
         "baseline_val_accuracy": round(best.val_accuracy, 6),
         "baseline_val_accuracy_low": round(val_accuracy_lower_bound(best.val_accuracy, len(val)), 6),
@@ -169,9 +167,12 @@ def run_baseline(
         "domain_shift": None if shift is None else round(shift, 4),
         "probe_cv_accuracy": None if probe_cv is None else round(probe_cv, 4),
         "transfer_gap": None if gap is None else round(gap, 4),
-        "train_images_per_second": round(throughput, 2),
+        "train_images_per_second": round(cost.train_images_per_second, 2),
+        "epoch_seconds": round(cost.epoch_seconds, 4),
         "planned_finetune_epochs": schedule.epochs,
-        "estimated_finetune_seconds": round(estimate, 2),
+        "expected_finetune_epochs": round(cost.expected_epochs, 1),
+        "estimated_finetune_seconds": round(cost.seconds, 2),
+        "max_finetune_seconds": round(cost.max_seconds, 2),
         "budget_seconds": cfg.advisor.budget_seconds,
     }
     decision = advise(signals, cfg.advisor, inputs.finetune)

@@ -6,8 +6,9 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from adaptflow.contracts import ManifestEntry
-from adaptflow.data.images import ImageStore, ManifestDataset
+from adaptflow.config import FinetuneConfig
+from adaptflow.contracts import ManifestEntry, Preprocessing
+from adaptflow.data.images import ImageStore, ManifestDataset, eval_transform, train_transform
 
 
 def make_loader(
@@ -33,4 +34,28 @@ def make_loader(
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+    )
+
+
+def finetune_train_loader(
+    entries: list[ManifestEntry],
+    class_names: tuple[str, ...],
+    pre: Preprocessing,
+    store: ImageStore,
+    cfg: FinetuneConfig,
+    batch_size: int,
+    seed: int,
+) -> DataLoader:
+    """The loader fine-tuning trains from; the cost estimate times the same one."""
+    return make_loader(
+        entries,
+        class_names,
+        train_transform(pre) if cfg.augment else eval_transform(pre),
+        store,
+        batch_size=batch_size,
+        shuffle=True,
+        seed=seed,
+        num_workers=cfg.num_workers,
+        # a trailing batch of one image breaks BatchNorm in train mode (freeze_bn=false, scratch)
+        drop_last=len(entries) % batch_size == 1,
     )

@@ -11,10 +11,10 @@ import torch
 
 from adaptflow.config import FinetuneConfig
 from adaptflow.contracts import BaselineResult, Candidate, Snapshot
-from adaptflow.data.images import ImageStore, eval_transform, train_transform
+from adaptflow.data.images import ImageStore, eval_transform
 from adaptflow.models.factory import count_parameters
 from adaptflow.training.candidates import load_candidate, save_candidate
-from adaptflow.training.data import make_loader
+from adaptflow.training.data import finetune_train_loader, make_loader
 from adaptflow.training.loop import fit
 from adaptflow.training.runtime import pick_device, reset_peak_memory, seed_everything
 from adaptflow.training.schedule import schedule_from_signals
@@ -61,17 +61,8 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
         schedule.why,
         schedule.patience,
     )
-    train_loader = make_loader(
-        snapshot.split("train"),
-        classes,
-        train_transform(pre) if cfg.augment else eval_transform(pre),
-        store,
-        batch_size=schedule.batch_size,
-        shuffle=True,
-        seed=inputs.seed,
-        num_workers=cfg.num_workers,
-        # a trailing batch of one image breaks BatchNorm in train mode (freeze_bn=false, scratch)
-        drop_last=train_images % schedule.batch_size == 1,
+    train_loader = finetune_train_loader(
+        snapshot.split("train"), classes, pre, store, cfg, schedule.batch_size, inputs.seed
     )
     val_loader = make_loader(
         snapshot.split("val"),

@@ -10,8 +10,8 @@ trained for enough steps (bench/RESULTS.md, "Real data"). So the schedule is pla
   which also regularise);
 - epochs (``finetune.epochs: null``, the default): enough for ``finetune.min_steps`` optimizer
   steps, at least ``FLOOR_EPOCHS`` and at most ``finetune.max_epochs``, and no more than the
-  advisor's time budget allows at the measured throughput (never below the floor: past it the
-  advisor declines fine-tuning as over budget). A number in ``finetune.epochs`` is used as is;
+  advisor's time budget allows at the measured epoch time (:mod:`adaptflow.training.cost`; never
+  below the floor: past it the advisor declines fine-tuning as over budget). A number in ``finetune.epochs`` is used as is;
 - patience: early stopping on validation ends the schedule sooner; it waits ``finetune.patience``
   epochs or a quarter of the planned ones, whichever is longer, so a long schedule on a tiny,
   noisy validation split is not cut off by one unlucky epoch.
@@ -28,7 +28,6 @@ from adaptflow.config import FinetuneConfig
 MIN_BATCH = 8
 FLOOR_EPOCHS = 12  # the old fixed count: large sets, where min_steps is a fraction of it, train as before
 MIN_STEPS_PER_EPOCH = 8
-VALIDATION_OVERHEAD = 1.25  # an epoch's validation pass, on top of its training images
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class Schedule:
 def plan_schedule(
     train_images: int,
     cfg: FinetuneConfig,
-    images_per_second: float | None = None,
+    epoch_seconds: float | None = None,
     budget_seconds: float | None = None,
 ) -> Schedule:
     """The batch size, planned epochs and patience for ``train_images`` training images."""
@@ -66,26 +65,21 @@ def plan_schedule(
     else:
         epochs = min(max(FLOOR_EPOCHS, math.ceil(cfg.min_steps / steps_per_epoch)), cfg.max_epochs)
         why = f"{cfg.min_steps} steps at {steps_per_epoch} per epoch"
-        if images_per_second and budget_seconds:
-            affordable = int(budget_seconds * images_per_second / (train_images * VALIDATION_OVERHEAD))
+        if epoch_seconds and budget_seconds:
+            affordable = int(budget_seconds / epoch_seconds)
             if affordable < epochs:
                 epochs = max(min(FLOOR_EPOCHS, cfg.max_epochs), affordable)
-                why = f"the {budget_seconds:.0f}s budget at {images_per_second:.0f} images/s"
+                why = f"the {budget_seconds:.0f}s budget at {epoch_seconds:.1f}s per epoch"
     return Schedule(batch, epochs, max(cfg.patience, epochs // 4), steps_per_epoch, why)
-
-
-def estimated_seconds(schedule: Schedule, train_images: int, images_per_second: float) -> float:
-    """Wall time of the planned schedule at the measured throughput, validation passes included."""
-    return schedule.epochs * train_images / images_per_second * VALIDATION_OVERHEAD
 
 
 def schedule_from_signals(train_images: int, cfg: FinetuneConfig, signals: Mapping[str, object]) -> Schedule:
     """The schedule the baseline stage planned, planned again from its recorded advisor signals."""
-    speed, budget = signals.get("train_images_per_second"), signals.get("budget_seconds")
+    epoch, budget = signals.get("epoch_seconds"), signals.get("budget_seconds")
     return plan_schedule(
         train_images,
         cfg,
-        float(speed) if isinstance(speed, (int, float)) else None,
+        float(epoch) if isinstance(epoch, (int, float)) else None,
         float(budget) if isinstance(budget, (int, float)) else None,
     )
 
