@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence import machine_line, write_results
+from evidence import provenance, write_results
 from fashion_mnist import TARGET_CLASSES, draw, find_dataset_dir, load_split, write_tree
 from real_data import adaptflow, pretrain_source
 
@@ -154,11 +154,7 @@ def _within(expected: float, actual: float) -> str:
 def markdown(rows: list[Checked], command: str, seconds: float) -> str:
     inside = sum(abs(r.expected_seconds / r.actual_seconds - 1) <= 0.25 for r in rows if r.actual_seconds)
     lines = [
-        HEADING,
-        "",
-        f"- machine: {machine_line()}",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- command: `{command}`",
+        *provenance(HEADING, command),
         f"- total wall time: {seconds:.0f} s",
         "- each row: `adaptflow compare` with the default config (source weights pinned, `seed` = the draw's seed);"
         " Fashion-MNIST rows are bench/real_data.py's conditions, demo rows the demo's targets with its source backbone",

@@ -32,7 +32,7 @@ from statistics import mean, stdev
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence import machine_line, write_results
+from evidence import provenance, write_results
 from fashion_mnist import SOURCE_CLASSES, TARGET_CLASSES, draw, find_dataset_dir, load_split, write_tree
 from real_data import pretrain_source
 
@@ -175,11 +175,7 @@ def ranks_cross_above_in_domain(rows: list[Row], signal: str) -> tuple[bool, str
 
 def markdown(rows: list[Row], command: str, seconds: float, per_class: int, seeds: int) -> str:
     lines = [
-        HEADING,
-        "",
-        f"- machine: {machine_line()}",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- command: `{command}`",
+        *provenance(HEADING, command),
         f"- total wall time: {seconds:.0f} s",
         f"- sample: {per_class} training images per class of each target, seeds 0-{seeds - 1} (a new draw and "
         "new cross-validation folds per seed); mean ± sd over the seeds",

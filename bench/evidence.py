@@ -182,6 +182,17 @@ def machine_line() -> str:
     )
 
 
+def provenance(heading: str, command: str) -> list[str]:
+    """A results section's first lines: its heading, then the machine, date and command."""
+    return [
+        heading,
+        "",
+        f"- machine: {machine_line()}",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- command: `{command}`",
+    ]
+
+
 def write_results(section: str, path: Path, heading: str = HEADING) -> None:
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)

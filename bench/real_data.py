@@ -30,7 +30,7 @@ from statistics import mean, stdev
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence import machine_line, write_results
+from evidence import provenance, write_results
 from fashion_mnist import (
     SOURCE_CLASSES,
     TARGET_CLASSES,
@@ -269,11 +269,7 @@ def markdown(bench: Bench, command: str, seconds: float, sizes: list[int], seeds
     by = {(s.method, s.size, s.seed): s for s in scores}
     seed_list = sorted({s.seed for s in scores})
     lines = [
-        HEADING,
-        "",
-        f"- machine: {machine_line()}",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- command: `{command}`",
+        *provenance(HEADING, command),
         f"- total wall time: {seconds:.0f} s"
         + (
             f" (this invocation; {', '.join(f'n={n} seed {s}' for n, s in bench.kept)} kept from an earlier "
