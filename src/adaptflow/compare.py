@@ -75,11 +75,12 @@ def test_labels(snapshot: Snapshot) -> np.ndarray:
 def score_folder(
     folder: Path, name: str, snapshot: Snapshot, settings: Settings, store: ImageStore
 ) -> tuple[ModelScore, np.ndarray]:
-    from adaptflow.evaluation import predict_candidate, score
+    from adaptflow.evaluation import candidate_logits, mean_cross_entropy, score
 
-    preds = predict_candidate(folder, snapshot.split("test"), store, settings.evaluate.batch_size)
-    y = test_labels(snapshot)
-    return score(name, "candidate", y, preds, snapshot.class_names, settings.evaluate), preds
+    logits = candidate_logits(folder, snapshot.split("test"), store, settings.evaluate.batch_size)
+    y, preds = test_labels(snapshot), logits.argmax(1)
+    loss = mean_cross_entropy(logits, y)
+    return score(name, "candidate", y, preds, snapshot.class_names, settings.evaluate, log_loss=loss), preds
 
 
 def _scratch_init(baseline_dir: Path, out: Path, seed: int) -> Path:
@@ -155,6 +156,7 @@ def outcome_of(
         peak_memory_mb=cost.peak_memory_mb,
         train_accuracy=m["train_accuracy"],
         val_accuracy=m["val_accuracy"],
+        val_loss=m.get("val_loss"),
         train_val_gap=m["train_val_gap"],
         best_epoch=int(candidate.extra.get("best_epoch", "0") or 0)
         or max(range(len(candidate.history)), key=lambda i: candidate.history[i].val_accuracy, default=-1)
@@ -176,13 +178,13 @@ def assemble(
     run_id: str | None = None,
 ) -> CompareResult:
     """The comparison, with the best row chosen like evaluate does (must beat the baseline by the margin)."""
-    from adaptflow.evaluation import choose_winner
+    from adaptflow.evaluation import HeldOut, choose_winner
     from adaptflow.models.weights import describe_backbone
 
     base = next(o for o in outcomes if o.strategy == BASELINE)
     others = [o.score for o in outcomes if o.strategy != BASELINE]
     val_images = len(snapshot.split("val"))
-    val = {o.score.name: (o.val_accuracy, val_images) for o in outcomes}
+    val = {o.score.name: HeldOut(o.val_accuracy, val_images, o.val_loss) for o in outcomes}
     best, reason = choose_winner(base.score, others, settings.evaluate.finetune_margin, val)
     best_strategy = next(o.strategy for o in outcomes if o.score.name == best)
     return CompareResult(

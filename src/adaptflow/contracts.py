@@ -163,6 +163,9 @@ class ModelScore(BaseModel):
     per_class_recall: dict[str, float]
     confusion_matrix: list[list[int]]
     n: int
+    log_loss: float | None = (
+        None  # mean cross-entropy on the test split (candidates; the winner's tie-breaker)
+    )
 
 
 class ChampionRef(BaseModel):
@@ -252,6 +255,7 @@ class StrategyOutcome(Contract):
     val_accuracy: float
     train_val_gap: float
     best_epoch: int
+    val_loss: float | None = None
     epochs_run: int
     history: tuple[EpochRecord, ...] = ()
     p_value_vs_baseline: float | None = None

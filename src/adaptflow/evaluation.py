@@ -30,22 +30,58 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Pooled:
+    correct: int
+    images: int
+    loss: float | None  # mean cross-entropy over the pooled images, where both halves have one
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A candidate's validation split figures, pooled with its test score by :func:`choose_winner`."""
+
+    accuracy: float
+    images: int
+    loss: float | None = None
+
+    def pooled(self, test: ModelScore) -> Pooled:
+        correct = round(self.accuracy * self.images) + round(test.accuracy * test.n)
+        loss = None
+        if self.loss is not None and test.log_loss is not None:
+            loss = (self.loss * self.images + test.log_loss * test.n) / max(self.images + test.n, 1)
+        return Pooled(correct, self.images + test.n, loss)
+
+
+@dataclass(frozen=True)
 class ChampionModel:
     ref: ChampionRef
     model: OnnxClassifier
 
 
-def predict_candidate(
-    folder: Path, entries: list[ManifestEntry], store: ImageStore, batch: int
-) -> np.ndarray:
+def candidate_logits(folder: Path, entries: list[ManifestEntry], store: ImageStore, batch: int) -> np.ndarray:
     candidate, model = load_candidate(folder)
     transform = eval_transform(candidate.preprocessing)
-    preds: list[np.ndarray] = []
+    logits: list[np.ndarray] = []
     with torch.inference_mode():
         for i in range(0, len(entries), batch):
             x = torch.stack([transform(store.image(e)) for e in entries[i : i + batch]])
-            preds.append(model(x).argmax(1).numpy())
-    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+            logits.append(model(x).float().numpy())
+    return np.concatenate(logits) if logits else np.zeros((0, len(candidate.class_names)), dtype=np.float32)
+
+
+def predict_candidate(
+    folder: Path, entries: list[ManifestEntry], store: ImageStore, batch: int
+) -> np.ndarray:
+    return candidate_logits(folder, entries, store, batch).argmax(1)
+
+
+def mean_cross_entropy(logits: np.ndarray, y_true: np.ndarray) -> float | None:
+    """The test split's mean cross-entropy (nats): the tie-breaker when accuracies tie."""
+    if len(y_true) == 0:
+        return None
+    loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_true))
+    value = float(loss)
+    return value if np.isfinite(value) else None
 
 
 def predict_onnx(
@@ -78,6 +114,7 @@ def score(
     classes: tuple[str, ...],
     cfg: EvaluateConfig,
     version: str | None = None,
+    log_loss: float | None = None,
 ) -> ModelScore:
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
@@ -94,6 +131,7 @@ def score(
         per_class_recall={c: float(r) for c, r in zip(classes, recall, strict=True)},
         confusion_matrix=confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         n=len(y_true),
+        log_loss=log_loss,
     )
 
 
@@ -151,43 +189,62 @@ def choose_winner(
     baseline: ModelScore,
     others: list[ModelScore],
     margin: float,
-    val: Mapping[str, tuple[float, int]] | None = None,
+    val: Mapping[str, HeldOut] | None = None,
 ) -> tuple[str, str]:
     """The best fine-tuned candidate wins when it beats the baseline by ``margin`` test accuracy.
 
-    Within the margin the test split cannot tell them apart (on a 10-image split the margin is
-    less than one image), so with ``val`` (name -> (val accuracy, val images)) the pooled held-out
-    images, validation plus test, decide; a tie keeps the baseline. Validation images chose each
-    candidate's best epoch, which flatters fine-tuning a little; the margin still guards any
-    clear test-split result either way.
+    Within the margin the test split cannot tell them apart, and on a split where one image is
+    worth more than the margin (under 100 images at the default 0.01) neither can a one-image
+    difference either way. Then, with ``val`` (name -> its validation accuracy, images and loss) the
+    pooled held-out images, validation plus test, decide. When they tie too, as they mostly do on
+    20 images, the lower pooled cross-entropy decides: it grades every image, not only the
+    right-or-wrong ones. Only a tie there as well keeps the baseline. Validation images chose each
+    candidate's best epoch, which flatters fine-tuning a little; the margin still guards any clear
+    test-split result either way.
     """
     best = max(others, key=lambda s: s.accuracy, default=None)
     if best is None:
         return baseline.name, "only the transfer-learning baseline was trained"
     gain = best.accuracy - baseline.accuracy
     versus = f"({best.accuracy:.4f} vs {baseline.accuracy:.4f})"
-    if gain >= margin:
+    n = max(min(best.n, baseline.n), 1)
+    # On a split where one image is worth more than the margin, one image either way is noise
+    one_image = 1.0 / n > margin and abs(round(gain * n)) <= 1
+    can_pool = val is not None and best.name in val and baseline.name in val
+    if gain >= margin and not (one_image and can_pool):
         return best.name, (
             f"{best.name} beats the transfer-learning baseline by {gain:+.4f} test accuracy "
             f"{versus}, at least the finetune_margin {margin:.4f}"
         )
-    pooled_decides = val is not None and gain > -margin and best.name in val and baseline.name in val
+    pooled_decides = can_pool and (gain > -margin or one_image)
+    tail = ""
     if val is not None and pooled_decides:
-
-        def pooled(s: ModelScore) -> float:
-            accuracy, images = val[s.name]
-            return (accuracy * images + s.accuracy * s.n) / max(images + s.n, 1)
-
-        if pooled(best) > pooled(baseline):
+        within = (
+            f"{best.name} is one test image from the baseline ({gain:+.4f}, {versus}; one image is more than "
+            f"the finetune_margin {margin:.4f} on {n} images)"
+            if one_image and abs(gain) >= margin
+            else f"{best.name} is within the finetune_margin {margin:.4f} of the baseline on the test split "
+            f"({gain:+.4f}, {versus})"
+        )
+        ours, theirs = val[best.name].pooled(best), val[baseline.name].pooled(baseline)
+        if ours.correct > theirs.correct:
             return best.name, (
-                f"{best.name} is within the finetune_margin {margin:.4f} of the baseline on the test split "
-                f"({gain:+.4f}, {versus}) and ahead on validation and test images pooled "
-                f"({pooled(best):.4f} vs {pooled(baseline):.4f})"
+                f"{within} and ahead on validation and test images pooled "
+                f"({ours.correct} vs {theirs.correct} of {ours.images} right)"
             )
+        tail = " and not ahead on validation and test images pooled"
+        if ours.correct == theirs.correct and ours.loss is not None and theirs.loss is not None:
+            if ours.loss < theirs.loss:
+                return best.name, (
+                    f"{within}, tied on validation and test images pooled ({ours.correct} of {ours.images} "
+                    f"right each) and lower in cross-entropy there ({ours.loss:.3f} vs {theirs.loss:.3f})"
+                )
+            tail += f" (tied, and not lower in cross-entropy: {ours.loss:.3f} vs {theirs.loss:.3f})"
+    if gain >= margin:  # only a one-image lead on a small split gets here
+        return baseline.name, f"transfer learning kept: {best.name} is one test image ahead {versus}{tail}"
     return baseline.name, (
         f"transfer learning kept: {best.name} is {gain:+.4f} vs the baseline {versus}, less than the "
-        f"finetune_margin {margin:.4f} that would pay for fine-tuning"
-        + (" and not ahead on validation and test images pooled" if pooled_decides else "")
+        f"finetune_margin {margin:.4f} that would pay for fine-tuning{tail}"
     )
 
 
@@ -218,7 +275,7 @@ def evaluate(
     scores: list[ModelScore] = []
     predictions: dict[str, np.ndarray] = {}
     seen: set[str] = set()
-    val: dict[str, tuple[float, int]] = {}
+    val: dict[str, HeldOut] = {}
     val_images = len(snapshot.split("val"))
     for folder in candidate_dirs:
         candidate = Candidate.load(folder)
@@ -227,9 +284,17 @@ def evaluate(
         seen.add(candidate.name)
         if tuple(candidate.class_names) != classes:
             raise ValueError(f"candidate {candidate.name} was trained on other classes than this snapshot")
-        predictions[candidate.name] = predict_candidate(folder, test, store, cfg.batch_size)
-        val[candidate.name] = (candidate.metrics["val_accuracy"], val_images)
-        scores.append(score(candidate.name, "candidate", y_true, predictions[candidate.name], classes, cfg))
+        logits = candidate_logits(folder, test, store, cfg.batch_size)
+        predictions[candidate.name] = logits.argmax(1)
+        val[candidate.name] = HeldOut(
+            candidate.metrics["val_accuracy"], val_images, candidate.metrics.get("val_loss")
+        )
+        loss = mean_cross_entropy(logits, y_true)
+        scores.append(
+            score(
+                candidate.name, "candidate", y_true, predictions[candidate.name], classes, cfg, log_loss=loss
+            )
+        )
 
     baseline = next(s for s in scores if s.name == "baseline")
     others = [s for s in scores if s.name != "baseline"]

@@ -9,7 +9,7 @@ import pytest
 from adaptflow.config import EvaluateConfig, ExportConfig, GateConfig, RegistryConfig
 from adaptflow.contracts import ChampionRef, ExportResult, ModelScore
 from adaptflow.errors import ExportError, LeaseError
-from adaptflow.evaluation import ChampionModel, choose_winner, evaluate, mcnemar_exact
+from adaptflow.evaluation import ChampionModel, HeldOut, choose_winner, evaluate, mcnemar_exact
 from adaptflow.export import export_onnx
 from adaptflow.lease import FileLease
 from adaptflow.onnx_model import load_onnx_classifier
@@ -95,11 +95,51 @@ def test_finetune_must_beat_baseline_by_the_margin() -> None:
 def test_within_the_margin_validation_and_test_images_pooled_decide(
     test_accuracy: float, val_accuracy: float, winner: str, phrase: str
 ) -> None:
-    val = {"baseline": (0.90, 50), "finetune-full": (val_accuracy, 50)}
+    val = {"baseline": HeldOut(0.90, 50), "finetune-full": HeldOut(val_accuracy, 50)}
     name, reason = choose_winner(
         model_score("baseline", 0.90), [model_score("finetune-full", test_accuracy)], 0.01, val
     )
     assert name == winner and phrase in reason, reason
+
+
+@pytest.mark.parametrize(
+    ("finetuned_loss", "winner", "phrase"),
+    [
+        (0.40, "finetune-full", "lower in cross-entropy there (0.450 vs 0.700)"),
+        (1.20, "baseline", "not lower in cross-entropy: 0.850 vs 0.700"),
+        (None, "baseline", "not ahead"),  # no loss recorded (an older candidate): the tie keeps the baseline
+    ],
+)
+def test_a_pooled_tie_goes_to_the_lower_cross_entropy(
+    finetuned_loss: float | None, winner: str, phrase: str
+) -> None:
+    """10 validation + 10 test images: 8 of 20 right each is a tie that the losses can still break."""
+    baseline = model_score("baseline", 0.40, n=10).model_copy(update={"log_loss": 0.70})
+    finetuned = model_score("finetune-full", 0.40, n=10).model_copy(update={"log_loss": finetuned_loss})
+    val = {"baseline": HeldOut(0.40, 10, 0.70), "finetune-full": HeldOut(0.40, 10, 0.50)}
+    name, reason = choose_winner(baseline, [finetuned], 0.01, val)
+    assert name == winner and phrase in reason, reason
+
+
+@pytest.mark.parametrize(
+    ("finetuned_test", "finetuned_val", "winner", "phrase"),
+    [
+        (0.5, 0.9, "finetune-full", "one test image from the baseline"),  # -1 image: pooled 14 vs 12 right
+        (0.7, 0.1, "baseline", "one test image ahead"),  # +1 image: pooled 8 vs 12 right
+        (0.4, 1.0, "baseline", "-0.2000"),  # two images behind is a clear loss, whatever validation says
+        (0.8, 0.1, "finetune-full", "+0.2000"),  # two images ahead is a clear win
+    ],
+)
+def test_on_a_tiny_test_split_one_image_either_way_does_not_decide_alone(
+    finetuned_test: float, finetuned_val: float, winner: str, phrase: str
+) -> None:
+    baseline = model_score("baseline", 0.6, n=10)
+    val = {"baseline": HeldOut(0.6, 10), "finetune-full": HeldOut(finetuned_val, 10)}
+    name, reason = choose_winner(baseline, [model_score("finetune-full", finetuned_test, n=10)], 0.01, val)
+    assert name == winner and phrase in reason, reason
+    if abs(finetuned_test - 0.6) < 0.15:  # without validation figures the test split still decides
+        alone = choose_winner(baseline, [model_score("finetune-full", finetuned_test, n=10)], 0.01)[0]
+        assert alone == ("finetune-full" if finetuned_test > 0.6 else "baseline")
 
 
 def test_mcnemar_exact_known_values() -> None:
