@@ -287,6 +287,21 @@ def _ports(cfg: StackConfig, running: dict[str, bool]) -> dict[str, int]:
     return ports
 
 
+def _start_program(sup: Any, name: str, cfg: StackConfig, deadline: float) -> None:
+    """startProcess; a child that dies at once is reported like one that never got healthy."""
+    try:
+        sup.startProcess(name, False)
+    except xmlrpc.client.Fault as fault:  # SPAWN_ERROR: it died before supervisord saw it up
+        # let supervisord give up, and log the child's stderr, before the log is read
+        while (
+            sup.getProcessInfo(name)["statename"] not in ("FATAL", "EXITED") and time.monotonic() < deadline
+        ):
+            time.sleep(0.25)
+        raise _failed(
+            f"{name} did not become healthy (supervisord: {fault.faultString})", cfg.log_path(name)
+        ) from None
+
+
 def stack_up(cfg: StackConfig | None = None) -> StackInfo:
     """Starts what is not running of PostgreSQL, moto S3 and MLflow, and waits until each is healthy.
     On failure it stops what it started; StoreError names the service and its log."""
@@ -312,7 +327,7 @@ def stack_up(cfg: StackConfig | None = None) -> StackInfo:
             deadline = time.monotonic() + cfg.startup_timeout_s
             for name in SERVICES:  # the programs have autostart=false: the order is ours
                 if not running.get(name):
-                    sup.startProcess(name, False)
+                    _start_program(sup, name, cfg, deadline)
                 while not _healthy(cfg, name, ports[name]):
                     state = sup.getProcessInfo(name)["statename"]
                     if state in ("FATAL", "EXITED") or time.monotonic() > deadline:

@@ -219,6 +219,29 @@ def test_service_that_cannot_start_is_named_and_everything_is_stopped(stack_fold
 
 
 @pytest.mark.integration
+def test_a_child_that_dies_before_supervisord_sees_it_up_is_named_with_its_log(tmp_path: Path) -> None:
+    """Under load supervisord answers startProcess with SPAWN_ERROR instead of a later FATAL state."""
+    import xmlrpc.client
+
+    cfg = StackConfig(root=tmp_path / "stack")
+    cfg.log_path("mlflow").parent.mkdir(parents=True)
+    states = iter(["BACKOFF", "FATAL"])
+
+    class Supervisor:
+        def startProcess(self, name: str, wait: bool) -> None:
+            cfg.log_path(name).write_text("mlflow: cannot start (test)\n")
+            raise xmlrpc.client.Fault(50, f"SPAWN_ERROR: {name}")
+
+        def getProcessInfo(self, name: str) -> dict[str, str]:
+            return {"statename": next(states)}
+
+    with pytest.raises(StoreError) as caught:
+        localstack._start_program(Supervisor(), "mlflow", cfg, time.monotonic() + 5)
+    assert "mlflow did not become healthy (supervisord: SPAWN_ERROR: mlflow)" in str(caught.value)
+    assert caught.value.hint and "mlflow: cannot start (test)" in caught.value.hint
+
+
+@pytest.mark.integration
 def test_missing_postgresql_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(localstack, "find_pg_bin_dir", lambda preferred=None: None)
     with pytest.raises(StoreError) as caught:
