@@ -75,12 +75,12 @@ def test_labels(snapshot: Snapshot) -> np.ndarray:
 def score_folder(
     folder: Path, name: str, snapshot: Snapshot, settings: Settings, store: ImageStore
 ) -> tuple[ModelScore, np.ndarray]:
-    from adaptflow.evaluation import candidate_logits, mean_cross_entropy, score
+    from adaptflow.evaluation import score_candidate
 
-    logits = candidate_logits(folder, snapshot.split("test"), store, settings.evaluate.batch_size)
-    y, preds = test_labels(snapshot), logits.argmax(1)
-    loss = mean_cross_entropy(logits, y)
-    return score(name, "candidate", y, preds, snapshot.class_names, settings.evaluate, log_loss=loss), preds
+    test = snapshot.split("test")
+    return score_candidate(
+        folder, name, test, test_labels(snapshot), snapshot.class_names, settings.evaluate, store
+    )
 
 
 def _scratch_init(baseline_dir: Path, out: Path, seed: int) -> Path:

@@ -69,12 +69,6 @@ def candidate_logits(folder: Path, entries: list[ManifestEntry], store: ImageSto
     return np.concatenate(logits) if logits else np.zeros((0, len(candidate.class_names)), dtype=np.float32)
 
 
-def predict_candidate(
-    folder: Path, entries: list[ManifestEntry], store: ImageStore, batch: int
-) -> np.ndarray:
-    return candidate_logits(folder, entries, store, batch).argmax(1)
-
-
 def mean_cross_entropy(logits: np.ndarray, y_true: np.ndarray) -> float | None:
     """The test split's mean cross-entropy (nats): the tie-breaker when accuracies tie."""
     if len(y_true) == 0:
@@ -82,6 +76,22 @@ def mean_cross_entropy(logits: np.ndarray, y_true: np.ndarray) -> float | None:
     loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_true))
     value = float(loss)
     return value if np.isfinite(value) else None
+
+
+def score_candidate(
+    folder: Path,
+    name: str,
+    entries: list[ManifestEntry],
+    y_true: np.ndarray,
+    classes: tuple[str, ...],
+    cfg: EvaluateConfig,
+    store: ImageStore,
+) -> tuple[ModelScore, np.ndarray]:
+    """A saved candidate scored on ``entries`` (its cross-entropy included); also its predictions."""
+    logits = candidate_logits(folder, entries, store, cfg.batch_size)
+    predictions = logits.argmax(1)
+    loss = mean_cross_entropy(logits, y_true)
+    return score(name, "candidate", y_true, predictions, classes, cfg, log_loss=loss), predictions
 
 
 def predict_onnx(
@@ -284,16 +294,12 @@ def evaluate(
         seen.add(candidate.name)
         if tuple(candidate.class_names) != classes:
             raise ValueError(f"candidate {candidate.name} was trained on other classes than this snapshot")
-        logits = candidate_logits(folder, test, store, cfg.batch_size)
-        predictions[candidate.name] = logits.argmax(1)
+        scored, predictions[candidate.name] = score_candidate(
+            folder, candidate.name, test, y_true, classes, cfg, store
+        )
+        scores.append(scored)
         val[candidate.name] = HeldOut(
             candidate.metrics["val_accuracy"], val_images, candidate.metrics.get("val_loss")
-        )
-        loss = mean_cross_entropy(logits, y_true)
-        scores.append(
-            score(
-                candidate.name, "candidate", y_true, predictions[candidate.name], classes, cfg, log_loss=loss
-            )
         )
 
     baseline = next(s for s in scores if s.name == "baseline")
