@@ -163,9 +163,8 @@ class ModelScore(BaseModel):
     per_class_recall: dict[str, float]
     confusion_matrix: list[list[int]]
     n: int
-    log_loss: float | None = (
-        None  # mean cross-entropy on the test split (candidates; the winner's tie-breaker)
-    )
+    # mean cross-entropy on the test split (candidates; the winner's tie-breaker)
+    log_loss: float | None = None
 
 
 class ChampionRef(BaseModel):

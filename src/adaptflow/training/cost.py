@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -29,8 +29,7 @@ from torch.utils.data import DataLoader
 
 from adaptflow.config import FinetuneConfig
 from adaptflow.models.factory import Classifier
-from adaptflow.training.loop import evaluate_loader
-from adaptflow.training.runtime import autocast
+from adaptflow.training.loop import evaluate_loader, train_step
 from adaptflow.training.schedule import Schedule
 from adaptflow.training.strategies import (
     freeze_batchnorm,
@@ -45,35 +44,36 @@ TIMED_STEPS = 4
 
 @dataclass(frozen=True)
 class CostEstimate:
-    step_seconds: float  # one optimizer step of schedule.batch_size images, steady state
+    step_seconds: float  # one optimizer step of batch_images images, steady state
     val_seconds: float  # one validation pass
-    epoch_seconds: float
-    expected_epochs: float
-    seconds: float  # expected: early stopping included
-    max_seconds: float  # every planned epoch
     batch_images: int
-    steps_per_epoch: (
-        int  # the loader's length: a trailing single image is dropped, so not always ceil(n / batch)
-    )
+    # the loader's length: a trailing single image is dropped, so not always ceil(n / batch)
+    steps_per_epoch: int
+    planned_epochs: int = 0
+    expected_epochs: float = 0.0  # early stopping's expected length of the planned schedule
+
+    @property
+    def epoch_seconds(self) -> float:
+        return self.steps_per_epoch * self.step_seconds + self.val_seconds
+
+    @property
+    def seconds(self) -> float:
+        """Expected: early stopping included."""
+        return self.expected_epochs * self.epoch_seconds
+
+    @property
+    def max_seconds(self) -> float:
+        """Every planned epoch."""
+        return self.planned_epochs * self.epoch_seconds
 
     @property
     def train_images_per_second(self) -> float:
         return 0.0 if self.step_seconds <= 0 else self.batch_images / self.step_seconds
 
     def for_schedule(self, schedule: Schedule, min_epochs: int = 0) -> CostEstimate:
-        """The same measured step, for another schedule of the same batch size (e.g. budget-capped)."""
-        epoch = self.steps_per_epoch * self.step_seconds + self.val_seconds
+        """The same measured step, for a schedule of the same batch size (e.g. budget-capped)."""
         expected = expected_epochs(schedule.epochs, schedule.patience, min_epochs)
-        return CostEstimate(
-            self.step_seconds,
-            self.val_seconds,
-            epoch,
-            expected,
-            expected * epoch,
-            schedule.epochs * epoch,
-            schedule.batch_size,
-            self.steps_per_epoch,
-        )
+        return replace(self, planned_epochs=schedule.epochs, expected_epochs=expected)
 
 
 def expected_epochs(epochs: int, patience: int, min_epochs: int = 0) -> float:
@@ -103,12 +103,7 @@ def _timed_steps(model: Classifier, loader: DataLoader, cfg: FinetuneConfig, dev
     for step, (x, y) in enumerate(itertools.islice(batches, WARMUP_STEPS + TIMED_STEPS)):
         if step == WARMUP_STEPS:
             start = time.perf_counter()
-        x, y = x.to(device), y.to(device)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, cfg.amp):
-            loss = criterion(model(x).float(), y)
-        loss.backward()
-        optimizer.step()
+        train_step(model, x, y, optimizer, criterion, device, cfg.amp)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / TIMED_STEPS
@@ -137,5 +132,5 @@ def estimate_cost(
     step = _timed_steps(trial, train_loader, cfg, device)
     val = _val_seconds(trial, val_loader, device, cfg.amp)
     del trial
-    measured = CostEstimate(step, val, 0.0, 0.0, 0.0, 0.0, schedule.batch_size, len(train_loader))
+    measured = CostEstimate(step, val, schedule.batch_size, len(train_loader))
     return measured.for_schedule(schedule, schedule_epochs(model, cfg))

@@ -86,6 +86,29 @@ def evaluate_loader(
     return loss_sum / max(seen, 1), correct / max(seen, 1)
 
 
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    device: torch.device,
+    amp: bool = False,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch; (loss, logits). The cost estimate times this same step."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, amp):
+        logits = model(x)
+        loss = criterion(logits.float(), y)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
+
+
 def fit(
     model: nn.Module,
     train_loader: DataLoader,
@@ -118,15 +141,8 @@ def fit(
         start = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, amp):
-                logits = model(x)
-                loss = criterion(logits.float(), y)
-            loss.backward()
-            optimizer.step()
+            y = y.to(device, non_blocking=True)
+            loss, logits = train_step(model, x, y, optimizer, criterion, device, amp, channels_last)
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)

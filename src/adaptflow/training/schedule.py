@@ -11,7 +11,8 @@ trained for enough steps (bench/RESULTS.md, "Real data"). So the schedule is pla
 - epochs (``finetune.epochs: null``, the default): enough for ``finetune.min_steps`` optimizer
   steps, at least ``FLOOR_EPOCHS`` and at most ``finetune.max_epochs``, and no more than the
   advisor's time budget allows at the measured epoch time (:mod:`adaptflow.training.cost`; never
-  below the floor: past it the advisor declines fine-tuning as over budget). A number in ``finetune.epochs`` is used as is;
+  below the floor: past it the advisor declines fine-tuning as over budget). A number in
+  ``finetune.epochs`` is used as is;
 - patience: early stopping on validation ends the schedule sooner; it waits ``finetune.patience``
   epochs or a quarter of the planned ones, whichever is longer, so a long schedule on a tiny,
   noisy validation split is not cut off by one unlucky epoch.
