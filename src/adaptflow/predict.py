@@ -57,7 +57,9 @@ def predict_files(model: OnnxClassifier, files: list[Path], batch_size: int = 64
         tensors, ok = [], []
         for f in chunk:
             try:
-                tensors.append(transform(decode_image(f.read_bytes())))
+                # the shared opener: EXIF orientation and bit depth as in training; bounded by this resize
+                image = decode_image(f.read_bytes(), resize_size=model.preprocessing.resize_size)
+                tensors.append(transform(image))
                 ok.append(f)
             except (ImageDecodeError, OSError) as error:
                 results.append(Prediction(str(f), None, None, str(error)))

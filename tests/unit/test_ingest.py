@@ -206,8 +206,13 @@ def test_csv_and_jsonl_manifests(digits: Path, tmp_path: Path) -> None:
             for f in files
         )
     )
-    from_csv, from_jsonl, from_dir = (ingest(str(p), IngestConfig()) for p in (csv_path, jsonl, digits))
-    assert from_csv.fingerprint == from_jsonl.fingerprint == from_dir.fingerprint
+    # the CSV's absolute paths point outside its folder: allowed only through ingest.allowed_roots
+    refused = ingest(str(jsonl), IngestConfig())  # the JSONL's rows stay inside its folder
+    with pytest.raises(DataError, match="0 valid images"):
+        ingest(str(csv_path), IngestConfig())
+    cfg = IngestConfig(allowed_roots=(str(digits),))
+    from_csv, from_jsonl, from_dir = (ingest(str(p), cfg) for p in (csv_path, jsonl, digits))
+    assert from_csv.fingerprint == from_jsonl.fingerprint == from_dir.fingerprint == refused.fingerprint
 
 
 def test_manifest_row_without_label(tmp_path: Path) -> None:
@@ -222,3 +227,13 @@ def test_oversized_image_is_quarantined(digits: Path, tmp_path: Path) -> None:
     Image.new("RGB", (300, 300)).save(data / "5" / "huge.png")
     snap = ingest(str(data), IngestConfig(max_image_pixels=50_000))
     assert any("max_image_pixels" in q.reason for q in snap.quarantined)
+
+
+def test_one_class_is_a_clear_error(digits: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(digits / "5", data / "5")
+    with pytest.raises(
+        DataError, match=r"has only one class \('5'\); a classifier needs at least two"
+    ) as info:
+        ingest(str(data), IngestConfig())
+    assert info.value.hint and "a folder (or manifest label) per class" in info.value.hint

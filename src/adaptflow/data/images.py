@@ -7,7 +7,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from adaptflow.contracts import ManifestEntry, Preprocessing
 from adaptflow.errors import DataError
@@ -22,17 +23,128 @@ class ImageDecodeError(ValueError):
     """The bytes are not a usable image; the message is the quarantine reason."""
 
 
-def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
-    """Fully decodes ``data`` into RGB, so truncated files fail here and not mid-training."""
+#: the largest ``Preprocessing.resize_size`` a run can use: ``backbone.input_size`` is at most 1024
+#: and resize is input * 256/224. Ingest runs before the backbone is known, so it bounds with this.
+LARGEST_RESIZE = 1170
+#: the default ``ingest.max_image_pixels``; see ``resize_limit``
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+def resize_limit(max_pixels: int, resize_size: int | None) -> tuple[int, int]:
+    """(resize size, pixel limit) to bound the resized image with.
+
+    With the run's resize known, the limit is ``max_pixels``. Without it (ingest), the bound is the
+    largest resize a run can use, against at least the default limit: a lowered ``max_image_pixels``
+    (say 50k) is about source images, and would otherwise refuse every small image, since Resize
+    enlarges them all to 1170 px. Either way a resized image stays below max_pixels (or 40M) pixels.
+    """
+    if resize_size is not None:
+        return resize_size, max_pixels
+    return LARGEST_RESIZE, max(max_pixels, DEFAULT_MAX_PIXELS)
+
+
+def resized_size(width: int, height: int, resize_size: int) -> tuple[int, int]:
+    """What ``v2.Resize(resize_size)`` makes of a ``width`` x ``height`` image: the short side becomes
+    ``resize_size`` and the long side keeps the aspect ratio (truncated, as torchvision does)."""
+    if width <= height:
+        return resize_size, int(resize_size * height / width)
+    return int(resize_size * width / height), resize_size
+
+
+def check_geometry(
+    width: int,
+    height: int,
+    max_pixels: int,
+    max_aspect_ratio: float | None = None,
+    resize_size: int | None = None,
+    max_resized_pixels: int | None = None,
+) -> None:
+    """Raises ImageDecodeError when an image (or what Resize makes of it) is too large or too thin.
+
+    The resized image is bounded by ``max_resized_pixels`` (default: ``max_pixels``).
+    Checked on the header, before decoding: a 1x400,000 PNG is a few hundred bytes and 400k pixels,
+    but ``Resize(32)`` turns it into 32x12,800,000.
+    """
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"image is {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageDecodeError(f"image is {width}x{height}, above max_image_pixels={max_pixels}")
+    ratio = max(width, height) / min(width, height)
+    if max_aspect_ratio is not None and ratio > max_aspect_ratio:
+        raise ImageDecodeError(
+            f"image is {width}x{height}: aspect ratio {ratio:.4g} is above max_aspect_ratio={max_aspect_ratio:g}"
+        )
+    if resize_size is not None:
+        limit = max_pixels if max_resized_pixels is None else max_resized_pixels
+        new_w, new_h = resized_size(width, height, resize_size)
+        if new_w * new_h > limit:
+            raise ImageDecodeError(
+                f"image is {width}x{height}; resized to a short side of {resize_size} it would be "
+                f"{new_w}x{new_h}, above the pixel limit of {limit}"
+            )
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Applies the EXIF orientation, as a photo viewer would: phones store portraits sideways."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block is metadata damage, not a broken picture: keep the pixels
+        return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB with the full range kept.
+
+    ``convert("RGB")`` clips high-bit-depth modes to 255 instead of scaling them, which binarises
+    a 16-bit grayscale PNG. So: 16-bit (``I;16*``, and ``I`` holding 0..65535) is divided by 257
+    (65535 -> 255); float (``F``) is taken as 0..1, the usual convention, and anything outside it
+    is refused rather than guessed at (per-image min/max stretching would make the same scene
+    differ in brightness between files).
+    """
+    mode = image.mode
+    if not (mode.startswith("I") or mode == "F"):
+        return image.convert("RGB")
+    values = np.asarray(image)
+    if mode == "F":
+        if not np.isfinite(values).all():
+            raise ImageDecodeError("float image has NaN or infinite pixels")
+        low, high = float(values.min()), float(values.max())
+        if low < -1e-3 or high > 1 + 1e-3:  # a little slack for rounding in the writer
+            raise ImageDecodeError(
+                f"float image has values in [{low:g}, {high:g}]; expected 0..1 (convert it to 8 or 16 bit)"
+            )
+        scaled = np.clip(values, 0.0, 1.0) * 255.0
+    else:
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 65535:
+            raise ImageDecodeError(
+                f"32-bit integer image has values in [{low}, {high}]; expected 16-bit data (0..65535)"
+            )
+        scaled = values.astype(np.float64) / 257.0
+    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L").convert("RGB")
+
+
+def decode_image(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    max_aspect_ratio: float | None = None,
+    resize_size: int | None = None,
+    max_resized_pixels: int | None = None,
+) -> Image.Image:
+    """The one way adaptflow opens an image (ingest, training and predict): bytes -> upright 8-bit RGB.
+
+    Fully decodes, so truncated files fail here and not mid-training; applies the EXIF orientation;
+    scales 16-bit and float images to 8 bit (see ``_to_rgb``). The size limits are checked on the
+    header, before any pixel is decoded.
+    """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(f"image is {width}x{height}, above max_image_pixels={max_pixels}")
+            check_geometry(*probe.size, max_pixels, max_aspect_ratio, resize_size, max_resized_pixels)
             probe.load()  # forces a full decode: truncated/corrupt data raises here
-            return probe.convert("RGB")
+            return _to_rgb(_upright(probe))
     except ImageDecodeError:
         raise
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad data
@@ -131,4 +243,6 @@ def load_tensor_batch(paths: list[str | Path], pre: Preprocessing) -> torch.Tens
     import torch
 
     transform = eval_transform(pre)
-    return torch.stack([transform(decode_image(Path(p).read_bytes())) for p in paths])
+    return torch.stack(
+        [transform(decode_image(Path(p).read_bytes(), resize_size=pre.resize_size)) for p in paths]
+    )

@@ -2,7 +2,8 @@
 
 Sources: a local ImageFolder directory, ``s3://bucket/prefix`` in ImageFolder layout, or a
 CSV/JSONL manifest whose rows name an image (``uri`` or ``path``) and its ``label``.
-Every image is fully decoded; unreadable files are quarantined with a reason, never fatal.
+Every image is fully decoded; unreadable files are quarantined with a reason, never fatal, and so
+are files outside the allowed roots, schemes and hosts (``data/checks.py``), never opened.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from pathlib import Path, PurePosixPath
 
 from adaptflow.config import IngestConfig
 from adaptflow.contracts import SPLITS, ManifestEntry, QuarantineEntry, Snapshot, Split
-from adaptflow.data.images import ImageDecodeError, decode_image
+from adaptflow.data.checks import allowed_roots, confine_local, fetch, is_utf8, manifest_target, printable
+from adaptflow.data.images import ImageDecodeError, decode_image, resize_limit
 from adaptflow.errors import DataError, StoreError
 from adaptflow.progress import track
-from adaptflow.storage import is_s3, iter_s3_objects, local_path, read_bytes, sha256_bytes
+from adaptflow.storage import is_s3, iter_s3_objects, local_path, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class SourceItem:
     uri: str
     label: str
     etag: str | None = None
+    reason: str | None = None  # refused before reading: quarantined, never opened
 
 
 def _has_extension(name: str, extensions: tuple[str, ...]) -> bool:
@@ -47,11 +50,32 @@ def _scan_local_imagefolder(root: Path, cfg: IngestConfig) -> tuple[list[SourceI
             f"{root} has no class folders",
             hint="lay images out as ImageFolder: <root>/<class name>/<image files>, or pass a manifest",
         )
+    bad_names = [printable(name) for name in classes if not is_utf8(name)]
+    if bad_names:  # a class name goes into JSON, MLflow and the model's metadata
+        raise DataError(
+            f"class folder names are not valid UTF-8: {', '.join(bad_names)}",
+            hint="rename those folders; the folder name is the class name",
+        )
+    roots = allowed_roots(root, cfg)
     items: list[SourceItem] = []
     for name in classes:
-        for path in sorted((root / name).rglob("*")):
-            if path.is_file() and not path.name.startswith(".") and _has_extension(path.name, cfg.extensions):
-                items.append(SourceItem(str(path.resolve()), name))
+        folder = root / name
+        if not any(folder.resolve().is_relative_to(r) for r in roots):
+            # the folder itself is a symlink out of the data root: do not even list it
+            _, reason = confine_local(folder, roots)
+            items.append(SourceItem(printable(folder), name, reason=reason))
+            continue
+        for path in sorted(folder.rglob("*")):
+            if path.name.startswith(".") or not _has_extension(path.name, cfg.extensions):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                continue
+            # symlinks (loops, links out of the root) and FIFOs are quarantined, not skipped or read
+            target, reason = confine_local(path, roots)
+            if target is None:
+                items.append(SourceItem(printable(path), name, reason=reason))
+            else:
+                items.append(SourceItem(str(target), name))
     return items, classes
 
 
@@ -72,34 +96,41 @@ def _scan_s3_imagefolder(prefix_uri: str, cfg: IngestConfig) -> tuple[list[Sourc
     return items, classes
 
 
-def _manifest_rows(path: Path) -> Iterator[dict[str, str]]:
-    if path.suffix.lower() == ".jsonl":
-        with open(path) as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise DataError(f"{path}:{number}: not valid JSON: {error}") from None
-    else:
-        with open(path, newline="") as handle:
-            yield from csv.DictReader(handle)
+def _manifest_rows(path: Path) -> Iterator[dict[str, object]]:
+    try:
+        if path.suffix.lower() == ".jsonl":
+            with open(path, encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if line.strip():
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError as error:
+                            raise DataError(f"{path}:{number}: not valid JSON: {error}") from None
+                        if not isinstance(row, dict):
+                            raise DataError(
+                                f"{path}:{number}: expected a JSON object, got {type(row).__name__}"
+                            )
+                        yield row
+        else:
+            with open(path, newline="", encoding="utf-8") as handle:
+                yield from csv.DictReader(handle)
+    except UnicodeDecodeError as error:
+        raise DataError(f"manifest {path} is not valid UTF-8: {error}", hint="save it as UTF-8") from None
 
 
-def _scan_manifest(path: Path) -> tuple[list[SourceItem], list[str]]:
+def _scan_manifest(path: Path, cfg: IngestConfig) -> tuple[list[SourceItem], list[str]]:
+    roots = allowed_roots(path.parent, cfg)
     items: list[SourceItem] = []
     for number, row in enumerate(_manifest_rows(path), start=1):
-        uri = (row.get("uri") or row.get("path") or "").strip()
+        raw = str(row.get("uri") or row.get("path") or "").strip()
         label = str(row.get("label") or "").strip()
-        if not uri or not label:
+        if not raw or not label:
             raise DataError(
                 f"{path}: row {number} needs a 'uri' (or 'path') and a 'label'",
                 hint='manifest columns: uri,label (CSV header) or {"uri": ..., "label": ...} per JSONL line',
             )
-        if not is_s3(uri) and not uri.startswith(("http://", "https://")):
-            candidate = local_path(uri)
-            uri = str(candidate if candidate.is_absolute() else (path.parent / candidate).resolve())
-        items.append(SourceItem(uri, label))
+        uri, reason = manifest_target(raw, path, roots, cfg)
+        items.append(SourceItem(uri, label, reason=reason and f"{path.name} row {number}: {reason}"))
     classes = sorted({item.label for item in items})
     if not classes:
         raise DataError(f"manifest {path} has no rows")
@@ -114,7 +145,7 @@ def scan_source(source_uri: str, cfg: IngestConfig) -> tuple[list[SourceItem], l
         return _scan_s3_imagefolder(source_uri, cfg)
     path = local_path(source_uri)
     if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
-        return _scan_manifest(path)
+        return _scan_manifest(path, cfg)
     if path.is_dir():
         return _scan_local_imagefolder(path, cfg)
     raise DataError(
@@ -149,28 +180,52 @@ class _Checked:
     reason: str | None
 
 
-def _check(item: SourceItem, cfg: IngestConfig) -> _Checked:
+def _check(item: SourceItem, cfg: IngestConfig, resize_size: int | None) -> _Checked:
+    if item.reason is not None:
+        return _Checked(item, None, None, item.reason)
+    name = PurePosixPath(item.uri).name or item.uri  # reasons name the file
     try:
-        data = read_bytes(item.uri, max_attempts=cfg.s3_max_attempts)
+        data = fetch(item.uri, cfg)
     except StoreError as error:
-        return _Checked(item, None, None, f"unreadable: {error.message}")
+        return _Checked(item, None, None, f"{name}: unreadable: {error.message}")
     sha = sha256_bytes(data)
+    resize, resized_limit = resize_limit(cfg.max_image_pixels, resize_size)
     try:
-        image = decode_image(data, cfg.max_image_pixels)
+        image = decode_image(
+            data,
+            cfg.max_image_pixels,
+            max_aspect_ratio=cfg.max_aspect_ratio,
+            resize_size=resize,
+            max_resized_pixels=resized_limit,
+        )
     except ImageDecodeError as error:
-        return _Checked(item, sha, None, str(error))
+        return _Checked(item, sha, None, f"{name}: {error}")
     return _Checked(item, sha, image.size, None)
 
 
-def ingest(source_uri: str, cfg: IngestConfig) -> Snapshot:
-    """Validates, de-duplicates, splits and fingerprints the images at ``source_uri``."""
+def ingest(source_uri: str, cfg: IngestConfig, resize_size: int | None = None) -> Snapshot:
+    """Validates, de-duplicates, splits and fingerprints the images at ``source_uri``.
+
+    ``resize_size``: the run's ``Preprocessing.resize_size`` where known, so images whose resized
+    size would exceed ``max_image_pixels`` are quarantined exactly; without it, see ``resize_limit``.
+    """
     items, declared_classes = scan_source(source_uri, cfg)
+    if len(declared_classes) < 2:
+        raise DataError(
+            f"{source_uri} has only one class ({', '.join(map(repr, declared_classes))}); "
+            "a classifier needs at least two",
+            hint="add a folder (or manifest label) per class, each with ingest.min_images_per_class images",
+        )
     log.info(
         "ingest: %d candidate files in %d classes from %s", len(items), len(declared_classes), source_uri
     )
     with ThreadPoolExecutor(max_workers=cfg.download_workers) as pool:
         checked = list(
-            track(pool.map(lambda it: _check(it, cfg), items), total=len(items), description="ingest")
+            track(
+                pool.map(lambda it: _check(it, cfg, resize_size), items),
+                total=len(items),
+                description="ingest",
+            )
         )
 
     quarantined: list[QuarantineEntry] = []
