@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from adaptflow.config_base import Section
+from adaptflow.config_base import Section, dump_yaml, load_yaml
 from adaptflow.config_cluster import ClusterConfig
 from adaptflow.errors import ConfigError
 
@@ -37,11 +37,50 @@ class IngestConfig(Section):
     # S3 listing and download settings (used for s3:// sources and manifest rows).
     s3_max_attempts: int = Field(8, ge=1)
     download_workers: int = Field(8, ge=1, le=64)
+    # Bounds on hostile inputs: anything outside them is quarantined with a reason, never opened.
+    max_aspect_ratio: float = Field(
+        20.0, gt=1.0, allow_inf_nan=False, description="longer / shorter side; thinner images are quarantined"
+    )
+    allowed_roots: tuple[str, ...] = Field(
+        (), description="where local files may also resolve to, besides the ImageFolder or manifest's folder"
+    )
+    allowed_schemes: tuple[str, ...] = Field(
+        ("s3",), description="URI schemes manifest rows may use: s3, http, https (needs allowed_hosts)"
+    )
+    allowed_hosts: tuple[str, ...] = Field((), description="hosts (or host:port) http(s) rows may fetch from")
+
+    @field_validator("allowed_schemes")
+    @classmethod
+    def _known_schemes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        known = ("s3", "http", "https")
+        unknown = [s for s in value if s not in known]
+        if unknown:
+            raise ValueError(f"unknown scheme(s) {unknown}: use lowercase names from {', '.join(known)}")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _lowercase_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.strip().lower() for h in value)  # host names are case-insensitive
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _absolute_roots(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        relative = [r for r in value if not Path(r).is_absolute()]
+        if relative:  # relative to which working directory? a pipeline step's is not the user's
+            raise ValueError(f"must be absolute paths, got {relative}")
+        return value
 
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> IngestConfig:
         if self.val_fraction + self.test_fraction >= 0.8:
             raise ValueError("val_fraction + test_fraction must leave at least 20% for training")
+        return self
+
+    @model_validator(mode="after")
+    def _http_needs_hosts(self) -> IngestConfig:
+        if {"http", "https"} & set(self.allowed_schemes) and not self.allowed_hosts:
+            raise ValueError("allowed_schemes lists http(s), so allowed_hosts must name the hosts to trust")
         return self
 
 
@@ -119,6 +158,11 @@ class BaselineConfig(Section):
 
 class FinetuneConfig(Section):
     strategy: FinetuneStrategy = "full"
+    strategy_locked: bool = Field(
+        False,
+        description="true: the advisor never changes finetune.strategy (it still decides whether to "
+        "fine-tune, and may still choose uniform learning rates under high domain shift)",
+    )
     unfreeze_blocks: int = Field(2, ge=1, description="partial: how many of the last blocks train")
     epochs: int | None = Field(
         None, ge=1, description="null: planned from the data (training/schedule.py); a number: exactly that"
@@ -147,6 +191,12 @@ class FinetuneConfig(Section):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     amp: bool = Field(True, description="bf16 autocast on CUDA")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="also checkpoint every N optimizer steps (0: at epoch ends only)"
+    )
+    checkpoint_min_seconds: float = Field(
+        30.0, ge=0, description="skip an epoch-end checkpoint younger than this (0: every epoch)"
+    )
 
 
 class EvaluateConfig(Section):
@@ -160,7 +210,8 @@ class EvaluateConfig(Section):
 
 class ExportConfig(Section):
     opset: int = Field(18, ge=13)
-    parity_batch_sizes: tuple[int, ...] = (1, 3, 7)
+    # empty would pass export without ever comparing onnxruntime with torch
+    parity_batch_sizes: tuple[int, ...] = Field((1, 3, 7), min_length=1)
     tolerance: float = Field(1e-4, gt=0, description="max |onnxruntime - torch| over logits")
     latency_runs: int = Field(30, ge=1)
 
@@ -219,6 +270,14 @@ class Settings(Section):
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
 
+    @field_validator("ingest")
+    @classmethod
+    def _some_extensions(cls, value: IngestConfig) -> IngestConfig:
+        # no extension finds no image, which ingest would report as empty data, not as this key
+        if not value.extensions:
+            raise ValueError("extensions: must list at least one file extension, e.g. [.png, .jpg]")
+        return value
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
@@ -262,7 +321,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {error}") from None
     return [part for part in key.strip().split(".")], value
@@ -292,7 +351,7 @@ def load_settings(path: str | Path | None = None, overrides: list[str] | tuple[s
                 f"config file {file} does not exist", hint="pass an existing YAML file to --config"
             )
         try:
-            loaded = yaml.safe_load(file.read_text()) or {}
+            loaded = load_yaml(file.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {file} is not valid YAML: {error}") from None
         if not isinstance(loaded, dict):
@@ -311,4 +370,4 @@ def load_settings(path: str | Path | None = None, overrides: list[str] | tuple[s
 
 def dump_settings(settings: Settings) -> str:
     """The resolved config as YAML, written next to the outputs and logged to MLflow."""
-    return yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)
+    return dump_yaml(settings.model_dump(mode="json"))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from adaptflow.config_base import Section
 
 STAGES = ("ingest", "baseline", "finetune", "keep_baseline", "evaluate", "export", "register")
+#: cluster.env travels inside the config on every stage's command line and into every pod's
+#: environment; Linux refuses one argument over 128 KiB ("Argument list too long")
+MAX_ENV_BYTES = 32 * 1024
 
 
 class Resources(Section):
@@ -53,6 +56,8 @@ class ClusterConfig(Section):
         },
         description="per stage, plus 'default' for the rest",
     )
+    # the tuples below may be empty, and empty means something: no GPU stage, no toleration, no
+    # secret (e.g. credentials from the node's IAM role), no retried stage
     gpu_stages: tuple[str, ...] = ("baseline", "finetune")
     accelerator_type: str | None = Field("nvidia.com/gpu", description="None runs every stage on CPU nodes")
     accelerator_count: int = Field(1, ge=0)
@@ -87,6 +92,18 @@ class ClusterConfig(Section):
         default_factory=lambda: {"default": 3600, "baseline": 4 * 3600, "finetune": 12 * 3600},
         description="seconds, per stage, plus 'default'",
     )
+
+    @field_validator("env")
+    @classmethod
+    def _env_fits_a_command_line(cls, env: dict[str, str]) -> dict[str, str]:
+        size = sum(len(f"{key}={value}".encode()) + 1 for key, value in env.items())
+        if size > MAX_ENV_BYTES:
+            raise ValueError(
+                f"{size / 1024:.1f} KiB in total, over the {MAX_ENV_BYTES // 1024} KiB limit: it travels "
+                "on every stage's command line; put large values in a Kubernetes secret (cluster.secrets) "
+                "or a file the stages read"
+            )
+        return env
 
     @model_validator(mode="after")
     def _known_stages(self) -> ClusterConfig:

@@ -27,6 +27,14 @@ Strategy choice (``choose_strategy``, on by default; only when fine-tuning pays)
   ``partial`` (fewer parameters to overfit with; not measured here, a conservative rule);
 - otherwise ``finetune.strategy`` and its ``layer_decay`` stay.
 
+``finetune.strategy_locked`` keeps ``finetune.strategy`` whatever the signals say; under high shift
+the advisor still picks uniform learning rates for it (as for a strategy ``adaptflow compare`` names).
+Whenever the advisor does replace the configured strategy for a fine-tuning run, the decision's
+signals record it (``strategy_override``: ``"lora -> full"``, logged to MLflow with the rest) and
+it is logged, as a warning when the configured strategy is not the default. Whether the user *wrote*
+the strategy cannot be known here: the settings reach each stage as JSON holding every key, so
+pydantic's ``model_fields_set`` names every field there; a non-default value is the evidence left.
+
 ``high_shift`` (0.25) sits between what the demo measured for the in-domain target (0.14) and the
 mildest shifted one (inverted digits, 0.34). It is calibrated on that demo only: measure the
 signal on your own in-domain and shifted data (it is logged with every run) before you rely on it.
@@ -34,10 +42,14 @@ signal on your own in-domain and shifted data (it is logged with every run) befo
 
 from __future__ import annotations
 
+import logging
+
 from adaptflow.config import AdvisorConfig, FinetuneConfig
 from adaptflow.contracts import FinetuneDecision
 
 SignalValue = float | int | str | None
+
+log = logging.getLogger(__name__)
 
 
 def advise(signals: dict[str, SignalValue], cfg: AdvisorConfig, ft: FinetuneConfig) -> FinetuneDecision:
@@ -58,11 +70,15 @@ def advise(signals: dict[str, SignalValue], cfg: AdvisorConfig, ft: FinetuneConf
         strategy, layer_decay, why = choose_strategy(signals, cfg, ft)
 
     def decide(should_finetune: bool, reason: str) -> FinetuneDecision:
+        recorded = signals
+        if should_finetune and strategy != ft.strategy:
+            recorded = {**signals, "strategy_override": f"{ft.strategy} -> {strategy}"}
+            _log_override(ft.strategy, strategy)
         return FinetuneDecision(
             should_finetune=should_finetune,
             strategy=strategy,
             reason=reason,
-            signals=signals,
+            signals=recorded,
             layer_decay=layer_decay,
         )
 
@@ -105,15 +121,17 @@ def choose_strategy(
     """(strategy, layer_decay or None for the configured one, the reason's tail)."""
     shift = signals.get("domain_shift")
     per_class = int(signals.get("min_train_images_per_class") or 0)
+    locked = f"; {ft.strategy} kept (finetune.strategy_locked)"
     if isinstance(shift, (int, float)) and float(shift) >= cfg.high_shift:
-        return (
-            "full",
-            1.0,
-            (
-                f"; full fine-tuning with uniform learning rates chosen: domain shift {float(shift):.2f} >= "
-                f"high_shift {cfg.high_shift:.2f}, so the early layers must adapt as much as the late ones"
-            ),
+        rates = (
+            f"uniform learning rates chosen: domain shift {float(shift):.2f} >= high_shift "
+            f"{cfg.high_shift:.2f}, so the early layers must adapt as much as the late ones"
         )
+        if ft.strategy_locked:
+            return ft.strategy, 1.0, f"{locked} with {rates}"
+        return "full", 1.0, f"; full fine-tuning with {rates}"
+    if ft.strategy_locked:
+        return ft.strategy, None, locked
     if per_class < cfg.few_images_per_class:
         return (
             "partial",
@@ -124,6 +142,18 @@ def choose_strategy(
             ),
         )
     return ft.strategy, None, f"; {ft.strategy} kept (finetune.strategy): low domain shift and enough images"
+
+
+def _log_override(configured: str, chosen: str) -> None:
+    # only a non-default strategy is evidence that someone chose it (see the module docstring)
+    chosen_by_user = configured != FinetuneConfig.model_fields["strategy"].default
+    log.log(
+        logging.WARNING if chosen_by_user else logging.INFO,
+        "advisor: fine-tuning with %s instead of finetune.strategy %s; "
+        "set finetune.strategy_locked: true to keep the configured strategy",
+        chosen,
+        configured,
+    )
 
 
 def finetune_settings(
