@@ -25,11 +25,11 @@ from adaptflow.cli_shared import (
     ModelNameOpt,
     SetOpt,
     emit,
+    fail,
     load,
     print_view,
 )
 from adaptflow.demo import TARGET_TREES
-from adaptflow.errors import AdaptflowError
 from adaptflow.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -352,17 +352,8 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         app()
-    except (AdaptflowError, OSError) as error:
-        from adaptflow.errors import describe_error
-
-        message, hint = describe_error(error)
-        if isinstance(error, OSError) and hint is None:
-            raise  # an unexpected OS error keeps its traceback
-        logging.getLogger("adaptflow").error("%s", message)
-        typer.echo(f"error: {message}", err=True)
-        if hint:
-            typer.echo(f"hint: {hint}", err=True)
-        sys.exit(error.exit_code if isinstance(error, AdaptflowError) else 2)
+    except Exception as error:
+        fail(error)  # one error: line and hint: (and --json's error object), or the traceback of a bug
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -18,7 +21,17 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML con
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="override: section.key=value (repeatable)")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+_OUTPUT = {"json": False}  # this command's --json, for fail(): a failure prints its error object too
+
+
+def _remember_json(value: bool) -> bool:
+    _OUTPUT["json"] = bool(value)  # click calls this on every parse, with the default when absent
+    return value
+
+
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="print machine-readable JSON on stdout", callback=_remember_json)
+]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="retrain even if data and config equal the champion's")
 ]
@@ -60,3 +73,39 @@ def load(config: Path | None, overrides: list[str], *, absolute_workdir: bool = 
     if absolute_workdir:  # stages may run from another directory (kfp.local)
         settings = settings.model_copy(update={"workdir": str(Path(settings.workdir).resolve())})
     return settings
+
+
+_STAGE_FAILED = re.compile(r"stage (\w+) failed: ")
+
+
+def failed_stage(error: BaseException) -> str | None:
+    """The pipeline stage that failed, or None when the command failed before or outside the DAG
+    (config, weights, the tracking store)."""
+    stage = getattr(error, "stage", None)
+    if isinstance(stage, str):
+        return stage
+    # PipelineFailed (adaptflow.pipelines.local) names the stage only in its message
+    found = _STAGE_FAILED.match(getattr(error, "message", "") or "")
+    return found.group(1) if found else None
+
+
+def fail(error: Exception) -> NoReturn:
+    """Ends a failed command: one ``error:`` line and its ``hint:`` on stderr, and with ``--json`` an error
+    object on stdout (``{"status": "failed", "stage", "error", "hint"}``), with the usual exit status.
+
+    An error nothing recognises (a bug) is re-raised after the JSON object: it keeps its traceback.
+    """
+    from adaptflow.errors import AdaptflowError, describe_error, store_error_from
+
+    known = error if isinstance(error, AdaptflowError) else store_error_from(error)
+    message, hint = describe_error(known or error)
+    if _OUTPUT["json"]:
+        record = {"status": "failed", "stage": failed_stage(error), "error": message, "hint": hint}
+        typer.echo(json.dumps(record, indent=2))
+    if known is None and hint is None:
+        raise error
+    logging.getLogger("adaptflow").error("%s", message)
+    typer.echo(f"error: {message}", err=True)
+    if hint:
+        typer.echo(f"hint: {hint}", err=True)
+    sys.exit(known.exit_code if known is not None else 2)

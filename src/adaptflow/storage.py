@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from adaptflow.errors import StoreError
+from adaptflow.errors import StoreError, store_error_from
 
 S3_ENDPOINT_ENV = "ADAPTFLOW_S3_ENDPOINT_URL"
 
@@ -58,7 +58,12 @@ def local_path(uri: str) -> Path:
 
 @lru_cache(maxsize=8)
 def s3_client(endpoint_url: str | None = None, max_attempts: int = 8) -> Any:
-    """A boto3 S3 client with adaptive retries. Cached per endpoint: clients are thread-safe."""
+    """A boto3 S3 client with adaptive retries. Cached per endpoint: clients are thread-safe.
+
+    botocore retries 5xx, SlowDown/throttling and dropped connections with jittered exponential backoff
+    (adaptive mode also slows this client while S3 throttles); ``max_attempts`` counts the retries
+    after the first try. What still fails becomes one StoreError (``_s3_error``).
+    """
     import boto3
     from botocore.config import Config
 
@@ -94,6 +99,11 @@ def iter_s3_objects(prefix_uri: str, max_attempts: int = 8) -> Iterator[ObjectIn
 
 def _s3_error(uri: str, error: Exception) -> StoreError:
     endpoint = os.environ.get(S3_ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL_S3") or "AWS default"
+    busy = store_error_from(error)  # 5xx or throttling that outlasted the client's retries
+    if busy is not None:
+        return StoreError(
+            f"cannot read {uri} from S3 (endpoint {endpoint}): {error}", busy.hint, transient=True
+        )
     return StoreError(
         f"cannot read {uri} from S3 (endpoint {endpoint}): {error}",
         hint=f"check the bucket exists, credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and {S3_ENDPOINT_ENV}",
@@ -125,12 +135,12 @@ def read_bytes(uri: str, *, timeout: float = 60.0, max_attempts: int = 8) -> byt
         raise StoreError(f"cannot read {path}: {error.strerror or error}") from error
 
 
-def download_to(uri: str, dest: Path, *, timeout: float = 60.0) -> None:
+def download_to(uri: str, dest: Path, *, timeout: float = 60.0, max_attempts: int = 8) -> None:
     """Streams ``uri`` into ``dest`` (parent must exist). Used for large weight files."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            s3_client().download_file(bucket, key, str(dest))
+            s3_client(None, max_attempts).download_file(bucket, key, str(dest))
         except Exception as error:
             raise _s3_error(uri, error) from error
         return

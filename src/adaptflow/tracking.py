@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from adaptflow.config import Settings
-from adaptflow.errors import StoreError
+from adaptflow.errors import Interrupted, StoreError, store_error_from
+from adaptflow.recovery import kill_running_children, owner_tags
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,85 @@ def check_tracking_reachable(uri: str, timeout: float = 5.0) -> None:
             ) from None
         raise StoreError(f"MLflow tracking server {uri} is not healthy")
     if uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///") :]).parent
+        path = Path(uri[len("sqlite:///") :].split("?")[0])
+        folder = path.parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise StoreError(f"cannot create the embedded MLflow store in {folder}: {error}") from None
         if not os.access(folder, os.W_OK):
-            raise StoreError(f"the embedded MLflow store folder {folder} is not writable")
+            raise StoreError(
+                f"the embedded MLflow store folder {folder} is not writable",
+                hint="make it writable by this user, or point workdir or tracking.tracking_uri elsewhere",
+            )
+        probe_sqlite_store(path, timeout)
+
+
+def probe_sqlite_store(path: Path, timeout: float = 5.0) -> None:
+    """Reads an existing SQLite store's schema, and checks it can be written.
+
+    A corrupt, truncated, unopenable or read-only file fails here in milliseconds, as one StoreError;
+    in MLflow it would retry opening for ~100 s, or fail at the first write with SQLAlchemy's traceback.
+    """
+    import sqlite3
+    from contextlib import closing
+
+    if not path.exists():
+        return  # MLflow creates it
+    problem: Exception | None = None
+    try:
+        # mode=rw: never creates a file; a hot journal left by a crash is rolled back as MLflow would
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=timeout)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as error:
+        problem = error
+    else:
+        if not os.access(path, os.W_OK):  # a read-only mount (EROFS) answers this even for root
+            problem = sqlite3.OperationalError("attempt to write a readonly database")
+    if problem is not None:
+        where = f"the embedded MLflow store {path}"
+        raise store_error_from(problem, where) or StoreError(f"{where} cannot be used: {problem}") from None
+
+
+def _store_name(uri: str) -> str:
+    if uri.startswith("sqlite:///"):
+        return f"the embedded MLflow store {uri[len('sqlite:///') :]}"
+    return f"the MLflow tracking store {uri}"
+
+
+class _OneLineSqlErrors(logging.Filter):
+    """MLflow logs each SQL error it re-raises with its traceback and SQL statement; the re-raised error
+    reaches the user as one StoreError (store_errors), so its log record is cut to one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            lines = record.getMessage().splitlines() or [""]
+            detail = next((line for line in lines if "sqlite3." in line or "psycopg" in line), lines[-1])
+            record.msg, record.args = "%s %s", (lines[0], detail)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_sql_tracebacks() -> None:
+    logger = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _OneLineSqlErrors) for f in logger.filters):
+        logger.addFilter(_OneLineSqlErrors())
+
+
+@contextmanager
+def store_errors(uri: str) -> Iterator[None]:
+    """Raises what a broken tracking store throws (SQLAlchemy, sqlite3, MLflow's REST client after its
+    retries) as one StoreError with a hint; anything else passes unchanged."""
+    _quiet_sql_tracebacks()
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as error:
+        translated = store_error_from(error, _store_name(uri))
+        if translated is None:
+            raise
+        raise translated from error
 
 
 def ensure_experiment(tracking_uri: str, name: str, workdir: str | Path) -> str:
@@ -123,20 +196,24 @@ def start_pipeline_run(
     uri = resolve_tracking_uri(settings, env)
     check_tracking_reachable(uri)
     injected_run = env.get("MLFLOW_RUN_ID")
-    experiment_id = env.get("MLFLOW_EXPERIMENT_ID") or ensure_experiment(
-        uri, settings.tracking.experiment, settings.workdir
-    )
-    client = MlflowClient(uri)
-    if injected_run:
-        run_id = injected_run
-        log.info("tracking: nesting under the injected MLflow run %s", run_id)
-    else:
-        run = client.create_run(
-            experiment_id, run_name=run_name, tags={"mlflow.source.git.commit": git_commit()}
+    with store_errors(uri):
+        experiment_id = env.get("MLFLOW_EXPERIMENT_ID") or ensure_experiment(
+            uri, settings.tracking.experiment, settings.workdir
         )
-        run_id = run.info.run_id
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+        client = MlflowClient(uri)
+        if injected_run:
+            run_id = injected_run
+            log.info("tracking: nesting under the injected MLflow run %s", run_id)
+        else:
+            run = client.create_run(
+                experiment_id,
+                run_name=run_name,
+                # the owner, so that a later run can tell this one was killed (adaptflow.recovery)
+                tags={"mlflow.source.git.commit": git_commit(), **owner_tags()},
+            )
+            run_id = run.info.run_id
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
     mlflow.set_tracking_uri(uri)
     return TrackingContext(uri, experiment_id, run_id)
 
@@ -153,15 +230,20 @@ def stage_run(ctx: TrackingContext, stage: str, tags: dict[str, str] | None = No
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     mlflow.set_tracking_uri(ctx.tracking_uri)
-    all_tags = {
-        f"{TAG_PREFIX}stage": stage,
-        MLFLOW_PARENT_RUN_ID: ctx.parent_run_id,
-        **lineage_tags(ctx.tracking_uri, ctx.parent_run_id),
-        **(tags or {}),
-    }
-    child = MlflowClient(ctx.tracking_uri).create_run(ctx.experiment_id, run_name=stage, tags=all_tags)
+    with store_errors(ctx.tracking_uri):  # the stage's own errors, in the block below, pass untouched
+        all_tags = {
+            f"{TAG_PREFIX}stage": stage,
+            MLFLOW_PARENT_RUN_ID: ctx.parent_run_id,
+            **lineage_tags(ctx.tracking_uri, ctx.parent_run_id),
+            **(tags or {}),
+        }
+        child = MlflowClient(ctx.tracking_uri).create_run(ctx.experiment_id, run_name=stage, tags=all_tags)
     with mlflow.start_run(run_id=child.info.run_id) as run:
-        yield run
+        try:
+            yield run
+        except Interrupted:
+            mlflow.end_run("KILLED")  # stopped by a signal, not failed: a rerun resumes it
+            raise
 
 
 def finish_pipeline_run(ctx: TrackingContext, status: str = "FINISHED") -> None:
@@ -173,7 +255,8 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
 
     if os.environ.get("MLFLOW_RUN_ID") == run_id:
         return  # KFP owns an injected run's lifecycle
-    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+    with store_errors(tracking_uri):
+        MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 
 
 @contextmanager
@@ -186,8 +269,9 @@ def run_lifecycle(tracking_uri: str, run_id: str, *, finish: bool = True) -> Ite
     """
     try:
         yield
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, Interrupted):
         end_run(tracking_uri, run_id, "KILLED")
+        kill_running_children(tracking_uri, run_id)  # a stage killed before it could end its own run
         raise
     except BaseException:
         end_run(tracking_uri, run_id, "FAILED")

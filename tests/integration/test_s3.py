@@ -17,33 +17,15 @@ from adaptflow.lease import S3Lease
 from adaptflow.models.weights import resolve_weights
 from adaptflow.storage import S3_ENDPOINT_ENV, s3_client
 from concurrency import peak_concurrency
+from services import moto_s3
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    mp = pytest.MonkeyPatch()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for key, value in {
-        S3_ENDPOINT_ENV: endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        mp.setenv(key, value)
-    s3_client.cache_clear()
-    try:
+    with moto_s3() as endpoint:
         yield endpoint
-    finally:
-        server.stop()
-        mp.undo()
-        s3_client.cache_clear()
 
 
 def _png(value: int) -> bytes:
