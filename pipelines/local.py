@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from adaptflow.pipelines.kfp_local_compat import kfp_local_fixes
+from adaptflow.pipelines.local_process import stage_processes
 
 from adaptflow.config import Settings
 from adaptflow.contracts import CompareResult
-from adaptflow.errors import AdaptflowError
+from adaptflow.errors import AdaptflowError, Interrupted
+from adaptflow.recovery import decide_interrupted_versions, sweep_stale_runs
 from adaptflow.steps import ERROR_FILE_ENV, SUMMARY_FILE
 from adaptflow.tracking import TrackingContext, run_lifecycle, start_pipeline_run
+from adaptflow.training.checkpoint import CHECKPOINT_ROOT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +73,16 @@ def _builtin_print_kept() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def kfp_local_run(pipeline_root: Path, error_file: Path | None = None) -> Iterator[None]:
+def kfp_local_run(
+    pipeline_root: Path, error_file: Path | None = None, checkpoint_root: Path | None = None
+) -> Iterator[None]:
     """kfp.local set up for adaptflow for the block; nothing it changes in this process outlives it.
 
     Inside: ``local.init`` with ``SubprocessRunner(use_venv=False)``, the kfp.local fixes
     (:mod:`adaptflow.pipelines.kfp_local_compat`), ``$ADAPTFLOW_ERROR_FILE`` (components run in
-    subprocesses that inherit it), stdout sent to stderr (kfp.local prints task logs on stdout; stdout
+    subprocesses that inherit it), ``$ADAPTFLOW_CHECKPOINT_ROOT`` (where training stages checkpoint, so a
+    rerun resumes), stage processes run by :mod:`adaptflow.pipelines.local_process` (signals forwarded,
+    only transient failures retried, nothing left behind), stdout sent to stderr (kfp.local prints task logs on stdout; stdout
     stays for the summary, ``--json``), and kfp.local's expected warnings hidden. After: kfp.local's
     previous configuration, kfp's own functions, os.environ, warnings.filters, sys.stdout and
     builtins.print are as they were.
@@ -89,6 +96,9 @@ def kfp_local_run(pipeline_root: Path, error_file: Path | None = None) -> Iterat
         stack.enter_context(_kfp_local_noise_hidden())
         if error_file is not None:
             stack.enter_context(_env_var(ERROR_FILE_ENV, str(error_file)))
+        if checkpoint_root is not None:
+            stack.enter_context(_env_var(CHECKPOINT_ROOT_ENV, str(checkpoint_root)))
+        stack.enter_context(stage_processes())
         stack.enter_context(kfp_local_fixes())
         stack.callback(
             setattr, local_config.LocalExecutionConfig, "instance", local_config.LocalExecutionConfig.instance
@@ -103,12 +113,15 @@ def kfp_local_run(pipeline_root: Path, error_file: Path | None = None) -> Iterat
 
 class PipelineFailed(AdaptflowError):
     exit_code = 1
+    stage: str | None = None  # the stage that failed, for ``--json``'s error object
 
 
 def _failure(error: Exception, error_file: Path) -> PipelineFailed:
     if error_file.exists():
         info = json.loads(error_file.read_text())
-        return PipelineFailed(f"stage {info['stage']} failed: {info['message']}", hint=info.get("hint"))
+        failed = PipelineFailed(f"stage {info['stage']} failed: {info['message']}", hint=info.get("hint"))
+        failed.stage = info["stage"]
+        return failed
     return PipelineFailed(f"pipeline failed: {error}", hint="the stage's log is printed above")
 
 
@@ -135,10 +148,12 @@ def _run_dag(
     FAILED on an error and KILLED on an interrupt; FINISHED on success only when ``finish``."""
     with (
         run_lifecycle(ctx.tracking_uri, ctx.parent_run_id, finish=finish),
-        kfp_local_run(workdir / "kfp-local", error_file),
+        kfp_local_run(workdir / "kfp-local", error_file, workdir / "checkpoints"),
     ):
         try:
             task = pipeline(parent_run_id=ctx.parent_run_id, **arguments)
+        except Interrupted:
+            raise
         except Exception as error:
             raise _failure(error, error_file) from None
     return Path(task.output.path)
@@ -152,6 +167,9 @@ def run_local(settings: Settings, data_uri: str, force: bool = False) -> dict[st
 
     workdir, error_file, attempt = _attempt(settings)
     ctx = start_pipeline_run(settings, f"adaptflow {attempt}", {"adaptflow.data_uri": data_uri})
+    # an earlier run killed outright (SIGKILL) left runs RUNNING and maybe a version undecided
+    sweep_stale_runs(ctx.tracking_uri, ctx.experiment_id)
+    decide_interrupted_versions(ctx.tracking_uri, settings.registry.model_name)
     started = time.perf_counter()
     # A successful run is ended by the register stage.
     output = _run_dag(

@@ -287,6 +287,7 @@ def evaluate(
     seen: set[str] = set()
     val: dict[str, HeldOut] = {}
     val_images = len(snapshot.split("val"))
+    diverged: dict[str, str] = {}  # name -> where its training stopped; never the winner
     for folder in candidate_dirs:
         candidate = Candidate.load(folder)
         if candidate.name in seen:
@@ -298,13 +299,18 @@ def evaluate(
             folder, candidate.name, test, y_true, classes, cfg, store
         )
         scores.append(scored)
+        if "diverged" in candidate.extra:
+            diverged[candidate.name] = candidate.extra["diverged"]
         val[candidate.name] = HeldOut(
             candidate.metrics["val_accuracy"], val_images, candidate.metrics.get("val_loss")
         )
 
     baseline = next(s for s in scores if s.name == "baseline")
-    others = [s for s in scores if s.name != "baseline"]
+    others = [s for s in scores if s.name != "baseline" and s.name not in diverged]
     winner, reason = choose_winner(baseline, others, cfg.finetune_margin, val)
+    if diverged:
+        lost = "; ".join(f"{name} diverged ({where}) and cannot win" for name, where in diverged.items())
+        reason = f"{lost}; the transfer-learning baseline wins" if not others else f"{lost}; {reason}"
     scores += score_references(snapshot, cfg, store)
 
     p_value: float | None = None

@@ -14,14 +14,16 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from adaptflow.config import Settings
 from adaptflow.contracts import BaselineResult, Candidate, Evaluation, ExportResult, Snapshot
-from adaptflow.errors import describe_error
+from adaptflow.errors import EXIT_FAILED, Interrupted, describe_error, exit_status
 from adaptflow.logs import setup_logging
+from adaptflow.signals import stop_with_parent
 from adaptflow.tracking import (
     TrackingContext,
     flat_params,
@@ -29,6 +31,7 @@ from adaptflow.tracking import (
     run_lifecycle,
     stage_run,
     start_pipeline_run,
+    store_errors,
 )
 
 log = logging.getLogger(__name__)
@@ -39,20 +42,37 @@ ERROR_FILE_ENV = "ADAPTFLOW_ERROR_FILE"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _in_component_process() -> bool:
+    """True in the process KFP starts for a component (``python -m kfp.dsl.executor_main``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) == "kfp.dsl.executor_main"
+
+
 def reports_errors(stage: str) -> Callable[[F], F]:
-    """Logs a stage's failure clearly, records it for the local runner, and re-raises."""
+    """Logs a stage's failure clearly, records it for the local runner, and re-raises.
+
+    In a component process an error we can describe ends the process with the exit status that
+    says whether a retry can help (:func:`adaptflow.errors.exit_status`), without a traceback; an
+    unexpected one (a bug) keeps its traceback and exits 1. Neither is retried unless transient.
+    """
 
     def wrap(func: F) -> F:
         @functools.wraps(func)
         def run(*args: Any, **kwargs: Any) -> Any:
+            if _in_component_process():
+                stop_with_parent()  # a runner killed outright still stops this stage (SIGTERM)
             try:
                 return func(*args, **kwargs)
             except Exception as error:
                 message, hint = describe_error(error)
-                log.error("stage %s failed: %s%s", stage, message, f" (hint: {hint})" if hint else "")
+                what = "stopped" if isinstance(error, Interrupted) else "failed"
+                log.error("stage %s %s: %s%s", stage, what, message, f" (hint: {hint})" if hint else "")
                 path = os.environ.get(ERROR_FILE_ENV)
                 if path:
                     Path(path).write_text(json.dumps({"stage": stage, "message": message, "hint": hint}))
+                status = exit_status(error)
+                if _in_component_process() and status != EXIT_FAILED:
+                    raise SystemExit(status) from None
                 raise
 
         return run  # type: ignore[return-value]
@@ -75,7 +95,8 @@ def _context(settings: Settings, parent_run_id: str) -> TrackingContext:
     from mlflow.tracking import MlflowClient
 
     uri = resolve_tracking_uri(settings)
-    experiment_id = MlflowClient(uri).get_run(parent_run_id).info.experiment_id
+    with store_errors(uri):  # a store that broke since the run began: one line and a hint
+        experiment_id = MlflowClient(uri).get_run(parent_run_id).info.experiment_id
     return TrackingContext(uri, str(experiment_id), parent_run_id)
 
 
@@ -180,18 +201,31 @@ def finetune_step(
 ) -> None:
     import mlflow
 
+    from adaptflow.signals import stop_on_sigterm
     from adaptflow.stage_logs import log_candidate
     from adaptflow.training.advisor import finetune_settings
+    from adaptflow.training.checkpoint import stage_checkpointer
     from adaptflow.training.finetune import FinetuneInputs, run_finetune
 
     settings, ctx = _open(config_json, parent_run_id)
     baseline = BaselineResult.load(baseline_dir)
     cfg = finetune_settings(settings.finetune, baseline.decision, settings.baseline.advisor)
     tags = {"adaptflow.data_fingerprint": fingerprint, "adaptflow.strategy": cfg.strategy}
-    with stage_run(ctx, "finetune", tags):
+    # the same data, config and strategy find the same checkpoint: a rerun or a retried task resumes
+    identity = f"{fingerprint}|{settings.config_hash()}|{cfg.strategy}|{settings.seed}"
+    checkpointer = stage_checkpointer(
+        "finetune",
+        identity,
+        pipeline_root=settings.cluster.pipeline_root,
+        scratch_dir=Path(out_dir).parent / "checkpoint",
+        every_steps=cfg.checkpoint_every_steps,
+        min_seconds=cfg.checkpoint_min_seconds,
+    )
+    with stage_run(ctx, "finetune", tags), stop_on_sigterm() as stop:
         mlflow.log_params(flat_params("finetune", cfg.model_dump(mode="json")))
         start = Path(baseline_dir) / "candidate"
-        inputs = FinetuneInputs(Snapshot.load(snapshot_dir), baseline, start, cfg, settings.seed)
+        snapshot = Snapshot.load(snapshot_dir)
+        inputs = FinetuneInputs(snapshot, baseline, start, cfg, settings.seed, checkpointer, stop)
         log_candidate(run_finetune(inputs, out_dir), Path(out_dir))
 
 

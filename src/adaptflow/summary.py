@@ -105,6 +105,7 @@ def build_summary(
             if ran
             else None,
             "cost": selected.cost.model_dump() if ran else None,
+            "resumed_from": selected.extra.get("resumed_from") if ran else None,
         },
         "reference": reference_summary(evaluation),
         "winner": evaluation.winner,

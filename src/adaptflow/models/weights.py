@@ -146,7 +146,7 @@ def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
             meta = json.loads(header[META_KEY]) if META_KEY in header else {}
-            return load_file(str(path)), meta
+            return check_finite(load_file(str(path)), path.name), meta
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except _UNLOADABLE as error:
         raise WeightsError(
@@ -157,7 +157,22 @@ def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
         raise WeightsError(f"{path.name} does not hold a state dict")
-    return loaded, {}
+    return check_finite(loaded, path.name), {}
+
+
+def check_finite(state: dict[str, Any], source: str) -> dict[str, Any]:
+    """``state``, after checking that no floating-point tensor holds NaN or inf (names the first)."""
+    for name, tensor in state.items():
+        if (
+            isinstance(tensor, torch.Tensor)
+            and tensor.is_floating_point()
+            and not torch.isfinite(tensor).all()
+        ):
+            raise WeightsError(
+                f"{source}: tensor {name} holds NaN or infinite values",
+                hint="the file is damaged or was saved from a diverged run: use weights from a good run",
+            )
+    return state
 
 
 def fetch_verified(uri: str, expected: str | None, cache_dir: Path) -> tuple[Path, str]:

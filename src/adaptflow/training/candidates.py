@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from adaptflow.contracts import Candidate
 from adaptflow.models.factory import Classifier, build_model
+from adaptflow.models.weights import check_finite
 
 
 def save_candidate(candidate: Candidate, model: Classifier, folder: str | Path) -> Path:
@@ -26,5 +27,6 @@ def load_candidate(folder: str | Path, device: torch.device | str = "cpu") -> tu
     folder = Path(folder)
     candidate = Candidate.load(folder)
     model = build_model(candidate.backbone.name, len(candidate.class_names))
-    model.load_state_dict(load_file(str(folder / Candidate.WEIGHTS)))
+    state = check_finite(load_file(str(folder / Candidate.WEIGHTS)), f"candidate {candidate.name}")
+    model.load_state_dict(state)
     return candidate, model.to(device).eval()

@@ -18,6 +18,7 @@ check uses ``seconds``. The schedule's own budget cap already bounds ``max_secon
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import time
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from adaptflow.config import FinetuneConfig
 from adaptflow.models.factory import Classifier
-from adaptflow.training.loop import evaluate_loader, train_step
+from adaptflow.training.loop import Diverged, evaluate_loader, train_step
 from adaptflow.training.schedule import Schedule
 from adaptflow.training.strategies import (
     freeze_batchnorm,
@@ -103,7 +104,9 @@ def _timed_steps(model: Classifier, loader: DataLoader, cfg: FinetuneConfig, dev
     for step, (x, y) in enumerate(itertools.islice(batches, WARMUP_STEPS + TIMED_STEPS)):
         if step == WARMUP_STEPS:
             start = time.perf_counter()
-        train_step(model, x, y, optimizer, criterion, device, cfg.amp)
+        # a diverging step still costs its forward pass; fine-tuning itself reports the divergence
+        with contextlib.suppress(Diverged):
+            train_step(model, x, y, optimizer, criterion, device, cfg.amp)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / TIMED_STEPS

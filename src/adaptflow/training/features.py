@@ -6,6 +6,7 @@ to the weights or preprocessing is a different cache folder, and a new image cos
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -21,6 +22,7 @@ from adaptflow.contracts import ManifestEntry, Preprocessing
 from adaptflow.data.images import ImageStore, eval_transform
 from adaptflow.models.factory import Classifier
 from adaptflow.progress import track
+from adaptflow.training.memory import run_within_memory
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,13 @@ class FeatureCache:
                 os.unlink(tmp)
 
 
+def _features(model: Classifier, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """The backbone's features of ``x``, ``chunk`` images per forward pass (all at once for None)."""
+    size = len(x) if chunk is None else chunk
+    with torch.inference_mode():
+        return torch.cat([model.features(x[i : i + size]).float().cpu() for i in range(0, len(x), size)])
+
+
 def extract_features(
     model: Classifier,
     entries: list[ManifestEntry],
@@ -93,11 +102,14 @@ def extract_features(
     model.eval().to(device)
     seconds = 0.0
     batches = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
+    chunk: int | None = None  # images per forward pass; halved on out-of-memory (training/memory.py)
     for batch in track(batches, total=len(batches), description="features"):
         x = torch.stack([transform(store.image(e)) for e in batch]).to(device)
         start = time.perf_counter()
-        with torch.inference_mode():
-            feats = model.features(x).float().cpu().numpy()
+        computed, chunk = run_within_memory(
+            functools.partial(_features, model, x), chunk, len(batch), "baseline (features)", device
+        )
+        feats = computed.numpy()
         seconds += time.perf_counter() - start
         for entry, vector in zip(batch, feats, strict=True):
             cache.put(entry.sha256, vector)

@@ -13,7 +13,9 @@ from adaptflow.config import FinetuneConfig
 from adaptflow.contracts import BaselineResult, Candidate, Snapshot
 from adaptflow.data.images import ImageStore, eval_transform
 from adaptflow.models.factory import count_parameters
+from adaptflow.signals import StopRequest
 from adaptflow.training.candidates import load_candidate, save_candidate
+from adaptflow.training.checkpoint import Checkpointer
 from adaptflow.training.data import finetune_train_loader, make_loader
 from adaptflow.training.loop import fit
 from adaptflow.training.runtime import pick_device, reset_peak_memory, seed_everything
@@ -27,6 +29,9 @@ from adaptflow.training.strategies import (
 
 log = logging.getLogger(__name__)
 
+#: ``Candidate.extra`` key of a candidate whose training diverged (evaluate never lets it win)
+DIVERGED = "diverged"
+
 
 @dataclass(frozen=True)
 class FinetuneInputs:
@@ -35,6 +40,8 @@ class FinetuneInputs:
     baseline_candidate_dir: Path
     cfg: FinetuneConfig
     seed: int = 0
+    checkpointer: Checkpointer | None = None  # resume from, and write, this checkpoint
+    stop: StopRequest | None = None  # set by SIGTERM: checkpoint and stop
 
 
 def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore | None = None) -> Candidate:
@@ -91,13 +98,20 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
         train_mode=freeze_batchnorm if cfg.freeze_bn else freeze_frozen_batchnorm,
         label=f"finetune-{cfg.strategy}",
         min_epochs=schedule_epochs(model, cfg),
+        checkpointer=inputs.checkpointer,
+        stop=inputs.stop,
     )
     if plan.finalize is not None:
         plan.finalize()
         total = count_parameters(model)[1]  # e.g. LoRA adapters merged away: the exported network's size
     if cfg.strategy == "gradual":
         trainable = count_parameters(model)[0]  # what the schedule had unfrozen by the last epoch
-    best = loop.best
+    metrics = (
+        loop.best_metrics()
+        if loop.history and loop.best_epoch
+        # diverged in its first epoch: the weights are the baseline's, and so are the metrics
+        else {k: base.metrics[k] for k in ("train_accuracy", "val_accuracy", "val_loss") if k in base.metrics}
+    )
     candidate = Candidate(
         name=f"finetune-{cfg.strategy}",
         strategy=cfg.strategy,
@@ -105,24 +119,25 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
         backbone_sha256=base.backbone_sha256,
         class_names=classes,
         preprocessing=pre,
-        metrics={
-            **loop.best_metrics(),
-            "baseline_val_accuracy": base.metrics["val_accuracy"],
-        },
+        metrics={**metrics, "baseline_val_accuracy": base.metrics["val_accuracy"]},
         cost=loop.cost(start, device, params=(trainable, total), backbone_forward_images=loop.train_images),
         history=tuple(loop.history),
         extra={
             "best_epoch": str(loop.best_epoch),
             "freeze_bn": str(cfg.freeze_bn),
             **{key: str(value) for key, value in schedule.as_dict().items()},
+            **({"resumed_from": "epoch {} step {}".format(*loop.resumed_from)} if loop.resumed_from else {}),
+            **({DIVERGED: loop.diverged} if loop.diverged else {}),
         },
     )
     model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     save_candidate(candidate, model.cpu(), out_dir)
+    if inputs.checkpointer is not None:
+        inputs.checkpointer.remove()  # the candidate is saved: a rerun of this work starts afresh
     log.info(
         "finetune-%s: best val acc %.4f at epoch %d (baseline %.4f), %d trainable params, %.0fs",
         cfg.strategy,
-        best.val_accuracy,
+        candidate.metrics["val_accuracy"],
         loop.best_epoch,
         base.metrics["val_accuracy"],
         trainable,

@@ -7,16 +7,30 @@ restored at the end, so a late overfitting epoch never becomes the candidate.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from adaptflow.contracts import CostFigures, EpochRecord
+from adaptflow.signals import StopRequest
+from adaptflow.training.checkpoint import (
+    Checkpointer,
+    LoopProgress,
+    Preempted,
+    epoch_rng_state,
+    loop_state,
+    replay_epoch_start,
+    set_rng_state,
+)
+from adaptflow.training.memory import run_within_memory
 from adaptflow.training.runtime import autocast, peak_memory_mb
 
 log = logging.getLogger(__name__)
@@ -30,6 +44,8 @@ class LoopResult:
     best_val_loss: float
     train_images: int
     train_seconds: float
+    resumed_from: tuple[int, int] | None = None  # (epoch, step) the run resumed at
+    diverged: str | None = None  # where a non-finite loss or gradient stopped training
 
     @property
     def best(self) -> EpochRecord:
@@ -66,24 +82,38 @@ class LoopResult:
         )
 
 
+def _logits(
+    model: nn.Module, x: torch.Tensor, device: torch.device, amp: bool, size: int | None
+) -> torch.Tensor:
+    size = len(x) if size is None else size
+    with autocast(device, amp):
+        return torch.cat([model(x[i : i + size]).float() for i in range(0, len(x), size)])
+
+
 def evaluate_loader(
     model: nn.Module, loader: DataLoader, device: torch.device, amp: bool, channels_last: bool = False
 ) -> tuple[float, float]:
-    """(mean loss, accuracy)."""
+    """(mean loss, accuracy). Out of memory halves the images per forward pass (training/memory.py)."""
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     criterion = nn.CrossEntropyLoss(reduction="sum")
+    size: int | None = None
     with torch.inference_mode():
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp):
-                logits = model(x)
-            loss_sum += float(criterion(logits.float(), y))
+            logits, size = run_within_memory(
+                functools.partial(_logits, model, x, device, amp), size, len(y), "validation", device
+            )
+            loss_sum += float(criterion(logits, y))
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
     return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+class Diverged(Exception):
+    """A non-finite loss or gradient: the step was not taken. The loop stops and says where."""
 
 
 def train_step(
@@ -95,18 +125,60 @@ def train_step(
     device: torch.device,
     amp: bool = False,
     channels_last: bool = False,
+    micro_batch: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a batch; (loss, logits). The cost estimate times this same step."""
+    """One optimizer step on a batch; (mean loss, logits). The cost estimate times this same step.
+
+    With ``micro_batch`` the batch goes through the model that many images at a time and the
+    gradients accumulate, so the step is the full batch's (up to BatchNorm's per-pass statistics).
+    A non-finite loss or gradient raises :class:`Diverged` before the optimizer step.
+    """
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     optimizer.zero_grad(set_to_none=True)
-    with autocast(device, amp):
-        logits = model(x)
-        loss = criterion(logits.float(), y)
-    loss.backward()
+    size = len(y) if micro_batch is None else max(1, min(micro_batch, len(y)))
+    total = torch.zeros((), device=device)
+    pieces = []
+    for first in range(0, len(y), size):
+        xs, ys = x[first : first + size], y[first : first + size]
+        with autocast(device, amp):
+            logits = model(xs)
+            loss = criterion(logits.float(), ys)
+        if not torch.isfinite(loss):
+            raise Diverged(f"loss {float(loss.detach())}")
+        share = len(ys) / len(y)
+        (loss * share).backward() if share < 1 else loss.backward()
+        total += loss.detach() * share
+        pieces.append(logits.detach())
+    # one fused norm over every gradient: a non-finite one must not reach the weights
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+        raise Diverged("gradient norm is not finite")
     optimizer.step()
-    return loss, logits
+    return total, torch.cat(pieces)
+
+
+def _until_loader_stops(batches: Iterator[Any], stop: StopRequest | None) -> Iterator[Any]:
+    """The epoch's batches; when SIGTERM reached the loader's worker processes too, they just end."""
+    while True:
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError:  # "DataLoader worker (pid N) is killed by signal: Terminated"
+            if stop is not None and stop:
+                return
+            raise
+        yield item
+
+
+def _preempted(label: str, progress: LoopProgress, checkpointer: Checkpointer | None) -> Preempted:
+    saved = f"; checkpoint {checkpointer.path}" if checkpointer is not None else ""
+    return Preempted(
+        f"{label} stopped by SIGTERM at epoch {progress.epoch}, step {progress.step}{saved}",
+        hint="run the same command again: it resumes from the checkpoint",
+    )
 
 
 def fit(
@@ -125,37 +197,103 @@ def fit(
     train_mode: Callable[[nn.Module], None] | None = None,
     label: str = "train",
     min_epochs: int = 0,
+    checkpointer: Checkpointer | None = None,
+    stop: StopRequest | None = None,
 ) -> LoopResult:
-    """Trains up to ``epochs``; early stopping (``patience``) never ends it before ``min_epochs``."""
+    """Trains up to ``epochs``; early stopping (``patience``) never ends it before ``min_epochs``.
+
+    With a ``checkpointer`` the loop resumes from its checkpoint when there is one, and writes one
+    at epoch ends and every ``checkpointer.every_steps``. When ``stop`` is set (SIGTERM) it writes
+    one after the current step and raises :class:`Preempted`.
+    """
     criterion = nn.CrossEntropyLoss()
     history: list[EpochRecord] = []
     best_state = copy.deepcopy(model.state_dict())
-    best = (-1.0, float("inf"))
-    best_epoch, stale, images, train_seconds = 0, 0, 0, 0.0
-    for epoch in range(1, epochs + 1):
+    progress = LoopProgress()
+    resumed = checkpointer.load() if checkpointer is not None else None
+    epoch_rng: dict[str, Any] = {}
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        if scheduler is not None and resumed["scheduler"] is not None:
+            scheduler.load_state_dict(resumed["scheduler"])
+        best_state = resumed["best_state"]
+        history = [EpochRecord.model_validate(r) for r in resumed["history"]]
+        progress = LoopProgress(**resumed["progress"])
+        epoch_rng = resumed["epoch_rng"]
+        log.info("%s: resuming at epoch %d, step %d", label, progress.epoch, progress.step)
+    resumed_from = (progress.epoch, progress.step) if resumed is not None else None
+    diverged: str | None = None
+    micro_batch: int | None = None  # halved after each out-of-memory error (training/memory.py)
+    while progress.epoch <= epochs:
+        epoch = progress.epoch
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         model.train()
         if train_mode is not None:
             train_mode(model)  # e.g. keep BatchNorm statistics frozen
+        if resumed is not None and epoch_rng:
+            batches = replay_epoch_start(train_loader, epoch_rng, progress.step)
+            set_rng_state(resumed["rng"])  # the draws after the checkpoint's step, as the first run made them
+            resumed = None
+        else:
+            epoch_rng = epoch_rng_state(train_loader)
+            batches = iter(train_loader)
         start = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in train_loader:
+        for x, y in _until_loader_stops(batches, stop):
             y = y.to(device, non_blocking=True)
-            loss, logits = train_step(model, x, y, optimizer, criterion, device, amp, channels_last)
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
+            try:
+                (loss, logits), micro_batch = run_within_memory(
+                    functools.partial(
+                        train_step, model, x, y, optimizer, criterion, device, amp, channels_last
+                    ),
+                    micro_batch,
+                    len(y),
+                    label,
+                    device,
+                )
+            except Diverged as error:
+                diverged = f"{error} at epoch {epoch}, step {progress.step + 1}"
+                break
+            progress.loss_sum += float(loss.detach()) * len(y)
+            progress.correct += int((logits.argmax(1) == y).sum())
+            progress.seen += len(y)
+            progress.step += 1
+            progress.global_step += 1
+            stopping = stop is not None and bool(stop)  # read once: SIGTERM may land between two reads
+            if checkpointer is not None and (
+                stopping or checkpointer.due(progress.global_step, epoch_end=False)
+            ):
+                progress.train_seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                checkpointer.save(
+                    loop_state(progress, model, optimizer, scheduler, best_state, history, epoch_rng)
+                )
+            if stopping:
+                raise _preempted(label, progress, checkpointer)
+        if stop is not None and stop:  # the loader's workers got SIGTERM first: save the last whole step
+            if checkpointer is not None:
+                checkpointer.save(
+                    loop_state(progress, model, optimizer, scheduler, best_state, history, epoch_rng)
+                )
+            raise _preempted(label, progress, checkpointer)
+        if diverged is None:
+            val_loss, val_acc = evaluate_loader(model, val_loader, device, amp, channels_last)
+            if not math.isfinite(val_loss):  # finite steps can still blow the weights up
+                diverged = f"validation loss {val_loss} after epoch {epoch}"
+        if diverged is not None:
+            log.warning("%s diverged: %s; keeping the best weights before it", label, diverged)
+            break
         if scheduler is not None:
             scheduler.step()
         elapsed = time.perf_counter() - start
-        train_seconds += elapsed
-        images += seen
-        val_loss, val_acc = evaluate_loader(model, val_loader, device, amp, channels_last)
+        progress.train_seconds += elapsed
+        progress.images += progress.seen
+        seen = progress.seen
         record = EpochRecord(
             epoch=epoch,
-            train_loss=loss_sum / max(seen, 1),
-            train_accuracy=correct / max(seen, 1),
+            train_loss=progress.loss_sum / max(seen, 1),
+            train_accuracy=progress.correct / max(seen, 1),
             val_loss=val_loss,
             val_accuracy=val_acc,
             seconds=elapsed,
@@ -172,13 +310,33 @@ def fit(
             val_acc,
             elapsed,
         )
-        if (val_acc, -val_loss) > (best[0], -best[1]):
-            best, best_epoch, stale = (val_acc, val_loss), epoch, 0
+        progress.epoch, progress.step = epoch + 1, 0
+        progress.loss_sum, progress.correct, progress.seen = 0.0, 0, 0
+        early_stop = False
+        if (val_acc, -val_loss) > (progress.best_accuracy, -progress.best_loss):
+            progress.best_accuracy, progress.best_loss = val_acc, val_loss
+            progress.best_epoch, progress.stale = epoch, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
-            stale += 1
-            if stale >= patience and epoch >= min_epochs:
-                log.info("%s: early stop at epoch %d (best epoch %d)", label, epoch, best_epoch)
-                break
+            progress.stale += 1
+            early_stop = progress.stale >= patience and epoch >= min_epochs
+        if early_stop:
+            log.info("%s: early stop at epoch %d (best epoch %d)", label, epoch, progress.best_epoch)
+            break
+        if checkpointer is not None and epoch < epochs and checkpointer.due(progress.global_step, True):
+            # the next epoch starts from the generator and RNGs as they are now
+            epoch_rng = epoch_rng_state(train_loader)
+            checkpointer.save(
+                loop_state(progress, model, optimizer, scheduler, best_state, history, epoch_rng)
+            )
     model.load_state_dict(best_state)
-    return LoopResult(history, best_epoch, best[0], best[1], images, train_seconds)
+    return LoopResult(
+        history,
+        progress.best_epoch,
+        progress.best_accuracy,
+        progress.best_loss,
+        progress.images,
+        progress.train_seconds,
+        resumed_from=resumed_from,
+        diverged=diverged,
+    )
