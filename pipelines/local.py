@@ -141,6 +141,20 @@ def _attempt(settings: Settings) -> tuple[Path, Path, str]:
     return workdir, error_file, attempt
 
 
+def write_run_config(settings: Settings, workdir: Path) -> Path:
+    """The resolved config as a file the stages read (named by its content, so caching still works)."""
+    import hashlib
+
+    text = settings.to_json()
+    path = workdir / "configs" / f"{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
+
+
 def _run_dag(
     pipeline: Any, ctx: TrackingContext, workdir: Path, error_file: Path, finish: bool, **arguments: Any
 ) -> Path:
@@ -179,7 +193,7 @@ def run_local(settings: Settings, data_uri: str, force: bool = False) -> dict[st
         error_file,
         finish=False,
         data_uri=data_uri,
-        config_json=settings.to_json(),
+        config_json=str(write_run_config(settings, workdir)),  # a file: off the command line
         force=force,
         pipeline_version="local",
     )
@@ -216,6 +230,6 @@ def run_compare_local(
         finish=True,
         data_uri=data_uri,
         strategies=list(strategies),
-        config_json=settings.to_json(),
+        config_json=str(write_run_config(settings, workdir)),  # a file: off the command line
     )
     return copy_compare_output(output, Path(out_dir))

@@ -81,8 +81,17 @@ def reports_errors(stage: str) -> Callable[[F], F]:
 
 
 def _settings(config_json: str) -> Settings:
+    """The run's settings from ``config_json``: the JSON itself, or the URI of a JSON file.
+
+    Local runs pass a file (:func:`adaptflow.pipelines.local.write_run_config`), so the config never
+    sits on a stage's command line, where a large one fails with "Argument list too long".
+    """
     setup_logging()
-    return Settings.from_json(config_json)
+    if config_json.lstrip().startswith("{"):
+        return Settings.from_json(config_json)
+    from adaptflow.storage import read_bytes
+
+    return Settings.from_json(read_bytes(config_json).decode())
 
 
 def _open(config_json: str, parent_run_id: str) -> tuple[Settings, TrackingContext]:

@@ -93,6 +93,12 @@ def test_sigterm_checkpoints_leaves_nothing_running_and_the_rerun_resumes(
     command = _command(tiny_assets, work)
     log = tmp_path / "first.log"
     process = _start_and_wait_for_checkpoint(command, log, work)
+    stages = [pid for pid in _processes_mentioning(str(work)) if pid != process.pid]
+    assert stages  # the fine-tuning stage, and the `sh -c` KFP wraps it in
+    for pid in stages:  # the config reaches stages as a file, not on their command line
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        assert '\\"finetune\\":' not in cmdline and '"finetune":' not in cmdline
+        assert str(work / "configs") in cmdline
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 143
     err = log.read_text()
