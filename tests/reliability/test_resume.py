@@ -137,3 +137,35 @@ def test_sigterm_sets_the_stop_request_instead_of_killing() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+@pytest.mark.integration
+def test_a_retried_pod_on_a_fresh_disk_resumes_from_the_s3_mirror(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adaptflow.storage import s3_client
+    from adaptflow.training.checkpoint import CHECKPOINT_ROOT_ENV, stage_checkpointer
+    from services import moto_s3
+
+    monkeypatch.delenv(CHECKPOINT_ROOT_ENV, raising=False)  # as in a pod: no local root
+    reference = _train()
+    with moto_s3():
+        s3_client().create_bucket(Bucket="root")
+
+        def on_a_fresh_disk(disk: Path) -> Checkpointer:
+            return stage_checkpointer(
+                "finetune", "run-a", pipeline_root="s3://root/pipeline", scratch_dir=disk, min_seconds=0
+            )
+
+        first = on_a_fresh_disk(tmp_path / "pod-1")
+        assert first.mirror is not None and first.mirror.startswith(
+            "s3://root/pipeline/checkpoints/finetune-"
+        )
+        with pytest.raises(Preempted):
+            _train(first, stop=_StopAfter(8))
+        keys = [o["Key"] for o in s3_client().list_objects_v2(Bucket="root").get("Contents", [])]
+        assert keys == [first.mirror.removeprefix("s3://root/")]
+        retried = on_a_fresh_disk(tmp_path / "pod-2")  # nothing on this disk: fetched from S3
+        _assert_same_weights(reference, _train(retried))
+        retried.remove()
+        assert s3_client().list_objects_v2(Bucket="root").get("KeyCount") == 0
