@@ -259,6 +259,9 @@ class TrackingConfig(Section):
 class Settings(Section):
     seed: int = 0
     workdir: str = Field(".adaptflow", description="local state: embedded MLflow, caches, demo data")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per stage; null: the CPUs the process may use (cgroup quota)"
+    )
     ingest: IngestConfig = IngestConfig()
     backbone: BackboneSpec = BackboneSpec()
     baseline: BaselineConfig = BaselineConfig()
@@ -284,7 +287,7 @@ class Settings(Section):
     def config_hash(self) -> str:
         """Hash of everything that changes what a run computes (where it runs and tracks excluded)."""
         data = self.model_dump(mode="json")
-        for key in ("workdir", "tracking", "cluster"):
+        for key in ("workdir", "threads", "tracking", "cluster"):
             data.pop(key, None)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()

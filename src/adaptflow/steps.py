@@ -21,6 +21,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from adaptflow.config import Settings
 from adaptflow.contracts import BaselineResult, Candidate, Evaluation, ExportResult, Snapshot
+from adaptflow.cpus import configure_threads
 from adaptflow.errors import EXIT_FAILED, Interrupted, describe_error, exit_status
 from adaptflow.logs import setup_logging
 from adaptflow.signals import stop_with_parent
@@ -88,10 +89,13 @@ def _settings(config_json: str) -> Settings:
     """
     setup_logging()
     if config_json.lstrip().startswith("{"):
-        return Settings.from_json(config_json)
-    from adaptflow.storage import read_bytes
+        settings = Settings.from_json(config_json)
+    else:
+        from adaptflow.storage import read_bytes
 
-    return Settings.from_json(read_bytes(config_json).decode())
+        settings = Settings.from_json(read_bytes(config_json).decode())
+    configure_threads(settings.threads)  # a pod's CPU quota, not the node's cores
+    return settings
 
 
 def _open(config_json: str, parent_run_id: str) -> tuple[Settings, TrackingContext]:

@@ -18,6 +18,7 @@ import torch
 
 from adaptflow.config import IngestConfig
 from adaptflow.contracts import Preprocessing
+from adaptflow.cpus import configure_threads
 from adaptflow.data.images import ImageStore, eval_transform, train_transform
 from adaptflow.data.ingest import ingest
 from adaptflow.models.factory import build_torchvision
@@ -65,6 +66,7 @@ def pretrain(
     device: str = "auto",
 ) -> PretrainResult:
     start = time.perf_counter()
+    configure_threads()
     seed_everything(seed)
     dev = pick_device(device)
     snapshot = ingest(str(data_dir), IngestConfig())
