@@ -117,6 +117,8 @@ class Candidate(Contract):
 
     FILE: ClassVar[str] = "candidate.json"
     WEIGHTS: ClassVar[str] = "model.safetensors"
+    #: ``extra`` key of a candidate whose training diverged: where it stopped. Evaluate never lets it win.
+    DIVERGED: ClassVar[str] = "diverged"
 
     name: str
     strategy: str

@@ -299,8 +299,8 @@ def evaluate(
             folder, candidate.name, test, y_true, classes, cfg, store
         )
         scores.append(scored)
-        if "diverged" in candidate.extra:
-            diverged[candidate.name] = candidate.extra["diverged"]
+        if Candidate.DIVERGED in candidate.extra:
+            diverged[candidate.name] = candidate.extra[Candidate.DIVERGED]
         val[candidate.name] = HeldOut(
             candidate.metrics["val_accuracy"], val_images, candidate.metrics.get("val_loss")
         )

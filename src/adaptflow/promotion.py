@@ -25,7 +25,7 @@ from adaptflow.config import GateConfig, RegistryConfig
 from adaptflow.contracts import ChampionRef, Evaluation, ExportResult, GateDecision, ModelScore
 from adaptflow.errors import StoreError
 from adaptflow.lease import LEASE_TAG, Lease, lease_for
-from adaptflow.registry import CHAMPION, _client, get_champion
+from adaptflow.registry import CHAMPION, GATE_DECISION_TAG, GATE_REASONS_TAG, _client, get_champion
 
 log = logging.getLogger(__name__)
 
@@ -219,9 +219,9 @@ def promote_under_lease(
         # Nothing is lost: every version stays registered and says why it was, or was not, promoted.
         verdict = "promoted" if decision.promote else "rejected"
         client.set_model_version_tag(inputs.model_name, inputs.version, LEASE_TAG, lease.uri)
-        client.set_model_version_tag(inputs.model_name, inputs.version, "adaptflow.gate.decision", verdict)
+        client.set_model_version_tag(inputs.model_name, inputs.version, GATE_DECISION_TAG, verdict)
         client.set_model_version_tag(
-            inputs.model_name, inputs.version, "adaptflow.gate.reasons", "; ".join(decision.reasons)[:4900]
+            inputs.model_name, inputs.version, GATE_REASONS_TAG, "; ".join(decision.reasons)[:4900]
         )
         if decision.promote:
             client.set_registered_model_alias(inputs.model_name, CHAMPION, inputs.version)

@@ -18,6 +18,8 @@ import os
 import socket
 from pathlib import Path
 
+from adaptflow.registry import GATE_DECISION_TAG, GATE_REASONS_TAG
+
 log = logging.getLogger(__name__)
 
 HOST_TAG = "adaptflow.host"
@@ -101,7 +103,7 @@ def decide_interrupted_versions(tracking_uri: str, model_name: str) -> list[str]
         return []  # no such model yet
     decided = []
     for version in versions:
-        if "adaptflow.gate.decision" in (version.tags or {}):
+        if GATE_DECISION_TAG in (version.tags or {}):
             continue
         if version.run_id:
             try:
@@ -109,13 +111,11 @@ def decide_interrupted_versions(tracking_uri: str, model_name: str) -> list[str]
                     continue  # a promoter may be at work right now
             except MlflowException:
                 pass  # its run is gone: nobody will decide it
-        client.set_model_version_tag(
-            model_name, version.version, "adaptflow.gate.decision", INTERRUPTED_DECISION
-        )
+        client.set_model_version_tag(model_name, version.version, GATE_DECISION_TAG, INTERRUPTED_DECISION)
         client.set_model_version_tag(
             model_name,
             version.version,
-            "adaptflow.gate.reasons",
+            GATE_REASONS_TAG,
             "the run stopped after registering this version and before the gate; it was never promoted",
         )
         log.warning("version %s of %s: %s", version.version, model_name, INTERRUPTED_DECISION)

@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+#: model-version tags the gate writes (promotion) and later runs read (registry, recovery)
+GATE_DECISION_TAG = "adaptflow.gate.decision"
+GATE_REASONS_TAG = "adaptflow.gate.reasons"
 
 
 def _client(tracking_uri: str) -> Any:
@@ -71,7 +74,7 @@ def unchanged_since_champion(
             tags.get("adaptflow.data_fingerprint") == fingerprint
             and tags.get("adaptflow.config_hash") == config_hash
         ):
-            verdict = tags.get("adaptflow.gate.decision", "unknown")
+            verdict = tags.get(GATE_DECISION_TAG, "unknown")
             return (
                 f"unchanged: data fingerprint {fingerprint[:12]} and config hash {config_hash[:12]} equal those of "
                 f"the {alias} v{ref.version} (gate: {verdict}); nothing to retrain (use --force to retrain anyway)"

@@ -84,14 +84,14 @@ def test_feature_extraction_halves_its_batch_on_out_of_memory(tiny_baseline, tmp
 
     base, model = load_candidate(tiny_baseline.candidate_dir)
     entries = tiny_baseline.snapshot.split("train")[:24]
-    full = extract_features(
-        model,
-        entries,
-        base.preprocessing,
-        FeatureCache(tmp_path / "a", "x"),
-        ImageStore(),
-        torch.device("cpu"),
-    )
+
+    def extract(cache: str):  # type: ignore[no-untyped-def]
+        cache_dir = FeatureCache(tmp_path / cache, "x")  # a fresh cache: every image goes through the model
+        return extract_features(
+            model, entries, base.preprocessing, cache_dir, ImageStore(), torch.device("cpu")
+        )
+
+    full = extract("a")
     features = model.features
 
     def tight(x: torch.Tensor) -> torch.Tensor:
@@ -100,13 +100,6 @@ def test_feature_extraction_halves_its_batch_on_out_of_memory(tiny_baseline, tmp
         return features(x)
 
     model.features = tight  # type: ignore[method-assign]
-    halved = extract_features(
-        model,
-        entries,
-        base.preprocessing,
-        FeatureCache(tmp_path / "b", "x"),
-        ImageStore(),
-        torch.device("cpu"),
-    )
+    halved = extract("b")
     assert halved.computed == len({e.sha256 for e in entries})
     assert torch.allclose(torch.from_numpy(full.features), torch.from_numpy(halved.features), atol=1e-4)

@@ -22,7 +22,7 @@ from adaptflow.contracts import ManifestEntry, Preprocessing
 from adaptflow.data.images import ImageStore, eval_transform
 from adaptflow.models.factory import Classifier
 from adaptflow.progress import track
-from adaptflow.training.memory import run_within_memory
+from adaptflow.training.memory import in_chunks, run_within_memory
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,8 @@ class FeatureCache:
 
 def _features(model: Classifier, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
     """The backbone's features of ``x``, ``chunk`` images per forward pass (all at once for None)."""
-    size = len(x) if chunk is None else chunk
     with torch.inference_mode():
-        return torch.cat([model.features(x[i : i + size]).float().cpu() for i in range(0, len(x), size)])
+        return in_chunks(model.features, x, chunk).float().cpu()
 
 
 def extract_features(

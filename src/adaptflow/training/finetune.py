@@ -29,9 +29,6 @@ from adaptflow.training.strategies import (
 
 log = logging.getLogger(__name__)
 
-#: ``Candidate.extra`` key of a candidate whose training diverged (evaluate never lets it win)
-DIVERGED = "diverged"
-
 
 @dataclass(frozen=True)
 class FinetuneInputs:
@@ -127,7 +124,7 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
             "freeze_bn": str(cfg.freeze_bn),
             **{key: str(value) for key, value in schedule.as_dict().items()},
             **({"resumed_from": "epoch {} step {}".format(*loop.resumed_from)} if loop.resumed_from else {}),
-            **({DIVERGED: loop.diverged} if loop.diverged else {}),
+            **({Candidate.DIVERGED: loop.diverged} if loop.diverged else {}),
         },
     )
     model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]

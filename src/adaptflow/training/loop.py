@@ -30,7 +30,7 @@ from adaptflow.training.checkpoint import (
     replay_epoch_start,
     set_rng_state,
 )
-from adaptflow.training.memory import run_within_memory
+from adaptflow.training.memory import in_chunks, run_within_memory
 from adaptflow.training.runtime import autocast, peak_memory_mb
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,8 @@ class LoopResult:
 def _logits(
     model: nn.Module, x: torch.Tensor, device: torch.device, amp: bool, size: int | None
 ) -> torch.Tensor:
-    size = len(x) if size is None else size
     with autocast(device, amp):
-        return torch.cat([model(x[i : i + size]).float() for i in range(0, len(x), size)])
+        return in_chunks(model, x, size).float()
 
 
 def evaluate_loader(
@@ -223,6 +222,11 @@ def fit(
         epoch_rng = resumed["epoch_rng"]
         log.info("%s: resuming at epoch %d, step %d", label, progress.epoch, progress.step)
     resumed_from = (progress.epoch, progress.step) if resumed is not None else None
+
+    def save_checkpoint() -> None:
+        assert checkpointer is not None
+        checkpointer.save(loop_state(progress, model, optimizer, scheduler, best_state, history, epoch_rng))
+
     diverged: str | None = None
     micro_batch: int | None = None  # halved after each out-of-memory error (training/memory.py)
     while progress.epoch <= epochs:
@@ -237,7 +241,8 @@ def fit(
             set_rng_state(resumed["rng"])  # the draws after the checkpoint's step, as the first run made them
             resumed = None
         else:
-            epoch_rng = epoch_rng_state(train_loader)
+            if checkpointer is not None:  # only a checkpoint needs the epoch's starting RNG states
+                epoch_rng = epoch_rng_state(train_loader)
             batches = iter(train_loader)
         start = time.perf_counter()
         for x, y in _until_loader_stops(batches, stop):
@@ -266,16 +271,12 @@ def fit(
             ):
                 progress.train_seconds += time.perf_counter() - start
                 start = time.perf_counter()
-                checkpointer.save(
-                    loop_state(progress, model, optimizer, scheduler, best_state, history, epoch_rng)
-                )
+                save_checkpoint()
             if stopping:
                 raise _preempted(label, progress, checkpointer)
         if stop is not None and stop:  # the loader's workers got SIGTERM first: save the last whole step
             if checkpointer is not None:
-                checkpointer.save(
-                    loop_state(progress, model, optimizer, scheduler, best_state, history, epoch_rng)
-                )
+                save_checkpoint()
             raise _preempted(label, progress, checkpointer)
         if diverged is None:
             val_loss, val_acc = evaluate_loader(model, val_loader, device, amp, channels_last)
@@ -326,9 +327,7 @@ def fit(
         if checkpointer is not None and epoch < epochs and checkpointer.due(progress.global_step, True):
             # the next epoch starts from the generator and RNGs as they are now
             epoch_rng = epoch_rng_state(train_loader)
-            checkpointer.save(
-                loop_state(progress, model, optimizer, scheduler, best_state, history, epoch_rng)
-            )
+            save_checkpoint()
     model.load_state_dict(best_state)
     return LoopResult(
         history,

@@ -63,6 +63,14 @@ def halved(micro_batch: int, batch: int, stage: str, device: torch.device, error
     return smaller
 
 
+def in_chunks(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int | None
+) -> torch.Tensor:
+    """``forward(x)`` computed ``size`` images at a time (all at once for None), concatenated."""
+    size = len(x) if size is None else size
+    return torch.cat([forward(x[i : i + size]) for i in range(0, len(x), size)])
+
+
 def run_within_memory(
     work: Callable[[int | None], T], size: int | None, batch: int, stage: str, device: torch.device
 ) -> tuple[T, int | None]:
