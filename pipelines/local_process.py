@@ -10,6 +10,8 @@ own way instead (``subprocess_task_handler.run_local_subprocess``, the one funct
 - SIGTERM or SIGINT to this process is forwarded as SIGTERM to the running stage's process group;
   the stage checkpoints and exits; after ``STOP_GRACE_SECONDS`` the group is killed. Then :class:`Interrupted` is raised.
 - When a stage exits, whatever it left in its group is killed.
+- The stage's environment bounds OpenMP's spinning (:func:`adaptflow.cpus.openmp_env`), unless the
+  user set their own ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``.
 - A stage's exit status says whether a retry can help (:data:`adaptflow.errors.RETRYABLE_EXITS`):
   transient failures go back to kfp.local, which retries them; any other failure raises
   :class:`StageFailed` at once, so a config or data error is not retried for minutes.
@@ -22,9 +24,10 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+from adaptflow.cpus import openmp_env
 from adaptflow.errors import RETRYABLE_EXITS, AdaptflowError, Interrupted
 from adaptflow.signals import stop_with_parent
 
@@ -82,10 +85,19 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+def stage_env(environ: Mapping[str, str], env_vars: dict[str, str] | None = None) -> dict[str, str]:
+    """A stage process's environment: ``environ``, kfp's ``env_vars``, and adaptflow's settings."""
+    env = {**environ, **(env_vars or {})}
+    # bounded OpenMP spinning (cpus.openmp_env): concurrent stages and runs do not starve each other
+    env.update(openmp_env(env))
+    # unbuffered: the stage's log reaches the terminal as it is written, not when the stage ends
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def _run_stage(stages: _Stages, full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
     """kfp.local's ``run_local_subprocess``, with the behaviour this module's docstring describes."""
-    # unbuffered: the stage's log reaches the terminal as it is written, not when the stage ends
-    env = {**os.environ, **(env_vars or {}), "PYTHONUNBUFFERED": "1"}
+    env = stage_env(os.environ, env_vars)
     with stages.lock:
         if stages.stopped_by is not None:
             raise stages.interrupted()

@@ -29,6 +29,7 @@ from adaptflow.cli_shared import (
     load,
     print_view,
 )
+from adaptflow.cpus import use_openmp_defaults
 from adaptflow.demo import TARGET_TREES
 from adaptflow.logs import setup_logging
 
@@ -350,6 +351,7 @@ def compare(
 def main() -> None:
     # MLflow writes "View run at ..." lines to stdout for tracking servers; stdout is for --json.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    use_openmp_defaults()  # before any command imports torch: libgomp reads them once, at load
     try:
         app()
     except Exception as error:
