@@ -113,6 +113,7 @@ def train_strategy(
     """
     from adaptflow.models.weights import RANDOM_INIT, init_label
     from adaptflow.training.advisor import finetune_settings
+    from adaptflow.training.decoded import decoded_cache_dir
     from adaptflow.training.finetune import FinetuneInputs, run_finetune
 
     if strategy == "scratch":
@@ -121,7 +122,13 @@ def train_strategy(
         cfg = settings.finetune.model_copy(
             update={"strategy": "full", "layer_decay": 1.0, "freeze_bn": False}
         )
-        trained = run_finetune(FinetuneInputs(snapshot, baseline, init, cfg, settings.seed), out_dir, store)
+        trained = run_finetune(
+            FinetuneInputs(
+                snapshot, baseline, init, cfg, settings.seed, decoded_cache_dir=decoded_cache_dir(settings)
+            ),
+            out_dir,
+            store,
+        )
         candidate = trained.model_copy(
             update={
                 "name": "scratch",
@@ -134,7 +141,18 @@ def train_strategy(
         candidate.save(out_dir)
         return candidate
     cfg = finetune_settings(settings.finetune, baseline.decision, settings.baseline.advisor, strategy)
-    return run_finetune(FinetuneInputs(snapshot, baseline, baseline_dir, cfg, settings.seed), out_dir, store)
+    return run_finetune(
+        FinetuneInputs(
+            snapshot,
+            baseline,
+            baseline_dir,
+            cfg,
+            settings.seed,
+            decoded_cache_dir=decoded_cache_dir(settings),
+        ),
+        out_dir,
+        store,
+    )
 
 
 def outcome_of(

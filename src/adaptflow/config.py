@@ -187,7 +187,16 @@ class FinetuneConfig(Section):
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, gt=0)
     gradual_epochs_per_block: int = Field(2, ge=1)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        description="DataLoader workers; null: 0 when the decoded images fit in memory, else up to 4 "
+        "(the CPUs the process may use)",
+    )
+    compile: bool = Field(False, description="run training through torch.compile (opt-in: it compiles first)")
+    accumulation_steps: int = Field(
+        1, ge=1, description="split each batch into this many passes and add up their gradients (less memory)"
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     amp: bool = Field(True, description="bf16 autocast on CUDA")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")

@@ -79,16 +79,19 @@ def test_what_counts_as_out_of_memory(error: BaseException, expected: bool) -> N
 
 def test_feature_extraction_halves_its_batch_on_out_of_memory(tiny_baseline, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from adaptflow.data.images import ImageStore
+    from adaptflow.training.batches import eval_batches
     from adaptflow.training.candidates import load_candidate
+    from adaptflow.training.decoded import decode_split
     from adaptflow.training.features import FeatureCache, extract_features
 
     base, model = load_candidate(tiny_baseline.candidate_dir)
     entries = tiny_baseline.snapshot.split("train")[:24]
+    decoded = decode_split(entries, base.class_names, base.preprocessing, ImageStore())
 
     def extract(cache: str):  # type: ignore[no-untyped-def]
         cache_dir = FeatureCache(tmp_path / cache, "x")  # a fresh cache: every image goes through the model
         return extract_features(
-            model, entries, base.preprocessing, cache_dir, ImageStore(), torch.device("cpu")
+            model, entries, decoded, eval_batches(base.preprocessing), cache_dir, torch.device("cpu")
         )
 
     full = extract("a")

@@ -215,29 +215,6 @@ def train_transform(pre: Preprocessing) -> v2.Compose:
     return _transform(pre, [v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1))])
 
 
-class ManifestDataset:
-    """A torch-style dataset over snapshot entries: (tensor, class index)."""
-
-    def __init__(
-        self,
-        entries: list[ManifestEntry],
-        class_names: tuple[str, ...] | list[str],
-        transform: v2.Compose,
-        store: ImageStore | None = None,
-    ) -> None:
-        self.entries = entries
-        self.index = {name: i for i, name in enumerate(class_names)}
-        self.transform = transform
-        self.store = store or ImageStore()
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        entry = self.entries[i]
-        return self.transform(self.store.image(entry)), self.index[entry.label]
-
-
 def load_tensor_batch(paths: list[str | Path], pre: Preprocessing) -> torch.Tensor:
     """Files -> one normalized batch, for predict and parity checks."""
     import torch

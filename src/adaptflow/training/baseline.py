@@ -16,18 +16,19 @@ import torch
 
 from adaptflow.config import BackboneSpec, BaselineConfig, FinetuneConfig, Settings
 from adaptflow.contracts import BaselineResult, Candidate, Snapshot
-from adaptflow.data.images import ImageStore, eval_transform
+from adaptflow.data.images import ImageStore
 from adaptflow.models.factory import Classifier, build_model, count_parameters
 from adaptflow.models.weights import ResolvedWeights, resolve_weights
 from adaptflow.training.advisor import SignalValue, advise, choose_strategy
+from adaptflow.training.batches import eval_batches, eval_loader, finetune_train_loader, train_batches
 from adaptflow.training.candidates import save_candidate
 from adaptflow.training.cost import CostEstimate, estimate_cost
-from adaptflow.training.data import finetune_train_loader, make_loader
+from adaptflow.training.decoded import DecodedImages, decode_split, decoded_cache_dir
 from adaptflow.training.features import FeatureCache, cache_namespace, extract_features
 from adaptflow.training.probe import train_linear_probe
 from adaptflow.training.runtime import pick_device, reset_peak_memory, seed_everything
 from adaptflow.training.schedule import Schedule, plan_schedule
-from adaptflow.training.shift import batchnorm_shift
+from adaptflow.training.shift import BatchNormMoments
 from adaptflow.training.strategies import schedule_epochs
 from adaptflow.training.transfer_gap import probe_cv_accuracy, source_task, transfer_gap
 
@@ -43,6 +44,7 @@ class BaselineInputs:
     finetune: FinetuneConfig
     feature_cache_dir: Path
     seed: int = 0
+    decoded_cache_dir: Path | None = None  # decoded images (training/decoded.py); None: in memory only
 
 
 def _labels(entries: list, class_names: tuple[str, ...]) -> np.ndarray:
@@ -50,41 +52,27 @@ def _labels(entries: list, class_names: tuple[str, ...]) -> np.ndarray:
     return np.array([index[e.label] for e in entries], dtype=np.int64)
 
 
-def measure_domain_shift(
-    model: Classifier, snapshot: Snapshot, inputs: BaselineInputs, store: ImageStore, device: torch.device
-) -> float | None:
-    """BatchNorm-statistics shift (:mod:`adaptflow.training.shift`) on an even sample of training images."""
-    train = snapshot.split("train")
-    step = max(1, -(-len(train) // inputs.cfg.advisor.shift_sample_images))  # ceil: at most N images
-    loader = make_loader(
-        train[::step],
-        snapshot.class_names,
-        eval_transform(inputs.weights.preprocessing),
-        store,
-        batch_size=inputs.cfg.feature_batch_size,
-        shuffle=False,
-    )
-    return batchnorm_shift(model.backbone, (x for x, _ in loader), device)
+def shift_sample_rows(train_images: int, sample_images: int) -> list[int]:
+    """An even sample of at most ``sample_images`` training rows, for the BatchNorm shift signal."""
+    step = max(1, -(-train_images // sample_images))  # ceil: at most N images
+    return list(range(0, train_images, step))
 
 
 def measure_finetune_cost(
     model: Classifier,
-    snapshot: Snapshot,
+    train: DecodedImages,
+    val: DecodedImages,
     inputs: BaselineInputs,
-    store: ImageStore,
     device: torch.device,
     strategy: str,
 ) -> tuple[Schedule, CostEstimate]:
     """The fine-tuning schedule and what it will cost, timed through the real loaders (training/cost.py)."""
     ft = inputs.finetune.model_copy(update={"strategy": strategy})
-    train = snapshot.split("train")
-    pre, classes = inputs.weights.preprocessing, snapshot.class_names
+    pre = inputs.weights.preprocessing
     schedule = plan_schedule(len(train), ft)
-    train_loader = finetune_train_loader(train, classes, pre, store, ft, schedule.batch_size, inputs.seed)
-    val_loader = make_loader(
-        snapshot.split("val"), classes, eval_transform(pre), store, batch_size=256, shuffle=False
-    )
-    cost = estimate_cost(model, train_loader, val_loader, schedule, ft, device)
+    train_loader = finetune_train_loader(train, ft, schedule.batch_size, inputs.seed)
+    transforms = (train_batches(pre, ft.augment), eval_batches(pre))
+    cost = estimate_cost(model, train_loader, eval_loader(val), schedule, ft, device, transforms)
     # the budget caps the planned epochs at the measured epoch time (rounded as the signal records it)
     capped = plan_schedule(len(train), ft, round(cost.epoch_seconds, 4), inputs.cfg.advisor.budget_seconds)
     return capped, cost.for_schedule(capped, schedule_epochs(model, ft))
@@ -132,7 +120,32 @@ def run_baseline(
         inputs.feature_cache_dir, cache_namespace(inputs.spec.name, inputs.weights.sha256, pre)
     )
     train, val = snapshot.split("train"), snapshot.split("val")
-    feats = extract_features(model, train + val, pre, cache, store, device, cfg.feature_batch_size)
+    decoded_train = decode_split(train, classes, pre, store, inputs.decoded_cache_dir)
+    decoded_val = decode_split(val, classes, pre, store, inputs.decoded_cache_dir)
+    both = DecodedImages(
+        torch.cat([decoded_train.images, decoded_val.images]),
+        torch.cat([decoded_train.labels, decoded_val.labels]),
+    )
+    # the shift signal's sample is measured in the extraction pass: one backbone forward per image,
+    # and none on a rerun (the value is cached with the features it came with)
+    sample = shift_sample_rows(len(train), cfg.advisor.shift_sample_images)
+    cached_shift = cache.get_shift([train[r] for r in sample])
+    with BatchNormMoments(model.backbone) as moments:
+        feats = extract_features(
+            model,
+            train + val,
+            both,
+            eval_batches(pre),
+            cache,
+            device,
+            cfg.feature_batch_size,
+            moments if cached_shift is False else None,
+            sample,
+        )
+    shift = moments.shift() if cached_shift is False else cached_shift
+    if cached_shift is False:
+        cache.put_shift([train[r] for r in sample], shift)
+    del both
     x_train = torch.from_numpy(feats.features[: len(train)])
     x_val = torch.from_numpy(feats.features[len(train) :])
     y_train = torch.from_numpy(_labels(train, classes))
@@ -144,7 +157,6 @@ def run_baseline(
 
     # Advisor signals, each measured here.
     train_counts = snapshot.class_counts["train"]
-    shift = measure_domain_shift(model, snapshot, inputs, store, device)
     probe_cv, gap = measure_transfer_gap(
         feats.features, np.concatenate([y_train.numpy(), y_val.numpy()]), len(classes), inputs
     )
@@ -155,7 +167,7 @@ def run_baseline(
             cfg.advisor,
             inputs.finetune,
         )[0]
-    schedule, cost = measure_finetune_cost(model, snapshot, inputs, store, device, strategy)
+    schedule, cost = measure_finetune_cost(model, decoded_train, decoded_val, inputs, device, strategy)
     signals: dict[str, SignalValue] = {
         "baseline_val_accuracy": round(best.val_accuracy, 6),
         "baseline_val_accuracy_low": round(val_accuracy_lower_bound(best.val_accuracy, len(val)), 6),
@@ -209,6 +221,13 @@ def baseline_for(
     weights = resolve_weights(settings.backbone, workdir / "cache" / "weights")
     cache_dir = Path(settings.baseline.feature_cache_dir or workdir / "cache" / "features")
     inputs = BaselineInputs(
-        snapshot, settings.backbone, weights, settings.baseline, settings.finetune, cache_dir, settings.seed
+        snapshot,
+        settings.backbone,
+        weights,
+        settings.baseline,
+        settings.finetune,
+        cache_dir,
+        settings.seed,
+        decoded_cache_dir(settings),
     )
     return run_baseline(inputs, out_dir, store)

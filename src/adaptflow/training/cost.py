@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from adaptflow.config import FinetuneConfig
 from adaptflow.models.factory import Classifier
-from adaptflow.training.loop import Diverged, evaluate_loader, train_step
+from adaptflow.training.loop import Diverged, evaluate_loader, on_device, train_step
 from adaptflow.training.schedule import Schedule
 from adaptflow.training.strategies import (
     freeze_batchnorm,
@@ -90,7 +90,13 @@ def expected_epochs(epochs: int, patience: int, min_epochs: int = 0) -> float:
     return sum(stops) / epochs
 
 
-def _timed_steps(model: Classifier, loader: DataLoader, cfg: FinetuneConfig, device: torch.device) -> float:
+def _timed_steps(
+    model: Classifier,
+    loader: DataLoader,
+    cfg: FinetuneConfig,
+    device: torch.device,
+    transform: nn.Module | None = None,
+) -> float:
     """Seconds per optimizer step after warm-up, through ``loader`` (cycled if it is short)."""
     plan = plan_strategy(model, cfg)
     if plan.on_epoch_start is not None:
@@ -106,16 +112,19 @@ def _timed_steps(model: Classifier, loader: DataLoader, cfg: FinetuneConfig, dev
             start = time.perf_counter()
         # a diverging step still costs its forward pass; fine-tuning itself reports the divergence
         with contextlib.suppress(Diverged):
+            x = on_device(x, device, transform, channels_last=False)
             train_step(model, x, y, optimizer, criterion, device, cfg.amp)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / TIMED_STEPS
 
 
-def _val_seconds(model: nn.Module, val_loader: DataLoader, device: torch.device, amp: bool) -> float:
-    """One validation pass through the real validation loader, images decoded as in training."""
+def _val_seconds(
+    model: nn.Module, val_loader: DataLoader, device: torch.device, amp: bool, transform: nn.Module | None
+) -> float:
+    """One validation pass through the real validation loader, batches prepared as in training."""
     start = time.perf_counter()
-    evaluate_loader(model, val_loader, device, amp)
+    evaluate_loader(model, val_loader, device, amp, transform=transform)
     return time.perf_counter() - start
 
 
@@ -126,14 +135,17 @@ def estimate_cost(
     schedule: Schedule,
     cfg: FinetuneConfig,
     device: torch.device,
+    transforms: tuple[nn.Module, nn.Module] | None = None,
 ) -> CostEstimate:
     """Fine-tuning's expected and maximum wall time for ``cfg.strategy`` on ``schedule``.
 
+    ``transforms``: the (train, validation) batch transforms fine-tuning applies (training/batches.py).
     Trains a deep copy, so the caller's model, its BatchNorm statistics included, is untouched.
     """
     trial = copy.deepcopy(model).to(device)
-    step = _timed_steps(trial, train_loader, cfg, device)
-    val = _val_seconds(trial, val_loader, device, cfg.amp)
+    train_transform, val_transform = transforms if transforms is not None else (None, None)
+    step = _timed_steps(trial, train_loader, cfg, device, train_transform)
+    val = _val_seconds(trial, val_loader, device, cfg.amp, val_transform)
     del trial
     measured = CostEstimate(step, val, schedule.batch_size, len(train_loader))
     return measured.for_schedule(schedule, schedule_epochs(model, cfg))

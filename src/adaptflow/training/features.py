@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from adaptflow.contracts import ManifestEntry, Preprocessing
-from adaptflow.data.images import ImageStore, eval_transform
 from adaptflow.models.factory import Classifier
-from adaptflow.progress import track
+from adaptflow.progress import image_progress
+from adaptflow.training.decoded import DecodedImages
 from adaptflow.training.memory import in_chunks, run_within_memory
+from adaptflow.training.shift import BatchNormMoments
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,26 @@ class FeatureCache:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
+    def _shift_path(self, entries: list[ManifestEntry]) -> Path:
+        digest = hashlib.sha256("".join(e.sha256 for e in entries).encode()).hexdigest()
+        return self.dir / "shift" / f"{digest[:32]}.json"
+
+    def get_shift(self, entries: list[ManifestEntry]) -> float | Literal[False] | None:
+        """The BatchNorm shift measured on exactly these images (None: no BatchNorm); False if not cached."""
+        path = self._shift_path(entries)
+        try:
+            value = json.loads(path.read_text())["shift"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return None if value is None else float(value)
+
+    def put_shift(self, entries: list[ManifestEntry], value: float | None) -> None:
+        path = self._shift_path(entries)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.partial")
+        tmp.write_text(json.dumps({"shift": value}))
+        os.replace(tmp, path)
+
 
 def _features(model: Classifier, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
     """The backbone's features of ``x``, ``chunk`` images per forward pass (all at once for None)."""
@@ -76,46 +99,72 @@ def _features(model: Classifier, x: torch.Tensor, chunk: int | None) -> torch.Te
         return in_chunks(model.features, x, chunk).float().cpu()
 
 
+def _batches(rows: list[int], size: int) -> list[list[int]]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
 def extract_features(
     model: Classifier,
     entries: list[ManifestEntry],
-    pre: Preprocessing,
+    decoded: DecodedImages,
+    transform: torch.nn.Module,
     cache: FeatureCache,
-    store: ImageStore,
     device: torch.device,
     batch_size: int = 128,
+    moments: BatchNormMoments | None = None,
+    moment_rows: list[int] | None = None,
 ) -> FeatureBatch:
-    """Features for ``entries``; only cache misses (unique by sha256) run through the backbone."""
+    """Features for ``entries`` (``decoded`` holds their images, in order); only cache misses
+    (unique by sha256) run through the backbone, once each.
+
+    With ``moments``, the BatchNorm moments of the images at ``moment_rows`` are collected on the
+    way: those go through the backbone first, in batches of their own, and any of them whose
+    features were cached go through it for the moments alone (counted in ``computed``).
+    """
     out: dict[str, np.ndarray] = {}
-    pending: dict[str, ManifestEntry] = {}
-    for entry in entries:
+    pending: dict[str, int] = {}
+    for row, entry in enumerate(entries):
         if entry.sha256 in out or entry.sha256 in pending:
             continue
         hit = cache.get(entry.sha256)
         if hit is None:
-            pending[entry.sha256] = entry
+            pending[entry.sha256] = row
         else:
             out[entry.sha256] = hit
-    missing = list(pending.values())
-    transform = eval_transform(pre)
+    wanted = list(dict.fromkeys(moment_rows or [])) if moments is not None else []
+    first = [r for r in wanted if entries[r].sha256 in pending]  # computed anyway: collect on the way
+    again = [r for r in wanted if entries[r].sha256 not in pending]  # cached features: moments only
+    in_first = set(first)
+    rest = [r for r in pending.values() if r not in in_first]
+    work = [(b, True) for b in _batches(first + again, batch_size)] + [
+        (b, False) for b in _batches(rest, batch_size)
+    ]
     model.eval().to(device)
-    seconds = 0.0
-    batches = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
+    transform = transform.to(device).eval()
+    seconds, computed = 0.0, 0
     chunk: int | None = None  # images per forward pass; halved on out-of-memory (training/memory.py)
-    for batch in track(batches, total=len(batches), description="features"):
-        x = torch.stack([transform(store.image(e)) for e in batch]).to(device)
-        start = time.perf_counter()
-        computed, chunk = run_within_memory(
-            functools.partial(_features, model, x), chunk, len(batch), "baseline (features)", device
-        )
-        feats = computed.numpy()
-        seconds += time.perf_counter() - start
-        for entry, vector in zip(batch, feats, strict=True):
-            cache.put(entry.sha256, vector)
-            out[entry.sha256] = vector
+    with image_progress("features", sum(len(b) for b, _ in work)) as bar:
+        for rows, collect in work:
+            start = time.perf_counter()
+            x = transform(decoded.images[torch.as_tensor(rows)].to(device, non_blocking=True))
+            if moments is not None:
+                moments.collecting = collect
+            feats, chunk = run_within_memory(
+                functools.partial(_features, model, x), chunk, len(rows), "baseline (features)", device
+            )
+            seconds += time.perf_counter() - start
+            computed += len(rows)
+            for row, vector in zip(rows, feats.numpy(), strict=True):
+                sha = entries[row].sha256
+                if sha in pending and sha not in out:
+                    cache.put(sha, vector)
+                    out[sha] = vector
+            bar.advance(len(rows))
+    if moments is not None:
+        moments.collecting = False
     features = np.stack([out[e.sha256] for e in entries]).astype(np.float32) if entries else np.zeros((0, 0))
-    rate = len(missing) / seconds if missing and seconds > 0 else None
+    rate = computed / seconds if computed and seconds > 0 else None
     log.info(
-        "features: %d computed, %d from cache (%s)", len(missing), len(entries) - len(missing), cache.dir
+        "features: %d computed, %d from cache (%s)", len(pending), len(entries) - len(pending), cache.dir
     )
-    return FeatureBatch(features, len(missing), len(entries) - len(missing), rate)
+    return FeatureBatch(features, computed, len(entries) - len(pending), rate)

@@ -11,12 +11,13 @@ import torch
 
 from adaptflow.config import FinetuneConfig
 from adaptflow.contracts import BaselineResult, Candidate, Snapshot
-from adaptflow.data.images import ImageStore, eval_transform
+from adaptflow.data.images import ImageStore
 from adaptflow.models.factory import count_parameters
 from adaptflow.signals import StopRequest
+from adaptflow.training.batches import eval_batches, eval_loader, finetune_train_loader, train_batches
 from adaptflow.training.candidates import load_candidate, save_candidate
 from adaptflow.training.checkpoint import Checkpointer
-from adaptflow.training.data import finetune_train_loader, make_loader
+from adaptflow.training.decoded import decode_split
 from adaptflow.training.loop import fit
 from adaptflow.training.runtime import pick_device, reset_peak_memory, seed_everything
 from adaptflow.training.schedule import schedule_from_signals
@@ -39,6 +40,7 @@ class FinetuneInputs:
     seed: int = 0
     checkpointer: Checkpointer | None = None  # resume from, and write, this checkpoint
     stop: StopRequest | None = None  # set by SIGTERM: checkpoint and stop
+    decoded_cache_dir: Path | None = None  # decoded images the baseline wrote (training/decoded.py)
 
 
 def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore | None = None) -> Candidate:
@@ -65,25 +67,16 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
         schedule.why,
         schedule.patience,
     )
-    train_loader = finetune_train_loader(
-        snapshot.split("train"), classes, pre, store, cfg, schedule.batch_size, inputs.seed
-    )
-    val_loader = make_loader(
-        snapshot.split("val"),
-        classes,
-        eval_transform(pre),
-        store,
-        batch_size=256,
-        shuffle=False,
-        num_workers=cfg.num_workers,
-    )
+    train = decode_split(snapshot.split("train"), classes, pre, store, inputs.decoded_cache_dir)
+    val = decode_split(snapshot.split("val"), classes, pre, store, inputs.decoded_cache_dir)
+    train_loader = finetune_train_loader(train, cfg, schedule.batch_size, inputs.seed)
     optimizer = torch.optim.AdamW(plan.param_groups, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=schedule.epochs)
     trainable, total = count_parameters(model)
     loop = fit(
         model,
         train_loader,
-        val_loader,
+        eval_loader(val),
         optimizer,
         epochs=schedule.epochs,
         patience=schedule.patience,
@@ -97,6 +90,10 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
         min_epochs=schedule_epochs(model, cfg),
         checkpointer=inputs.checkpointer,
         stop=inputs.stop,
+        train_transform=train_batches(pre, cfg.augment),
+        val_transform=eval_batches(pre),
+        compile_model=cfg.compile,
+        accumulation_steps=cfg.accumulation_steps,
     )
     if plan.finalize is not None:
         plan.finalize()

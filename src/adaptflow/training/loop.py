@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from adaptflow.contracts import CostFigures, EpochRecord
+from adaptflow.progress import image_progress, images_in
 from adaptflow.signals import StopRequest
 from adaptflow.training.checkpoint import (
     Checkpointer,
@@ -90,25 +91,43 @@ def _logits(
 
 
 def evaluate_loader(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp: bool, channels_last: bool = False
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp: bool,
+    channels_last: bool = False,
+    transform: nn.Module | None = None,
 ) -> tuple[float, float]:
-    """(mean loss, accuracy). Out of memory halves the images per forward pass (training/memory.py)."""
+    """(mean loss, accuracy). ``transform`` turns the loader's uint8 batches into model input on
+    ``device`` (training/batches.py). Out of memory halves the images per forward pass."""
     model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
     criterion = nn.CrossEntropyLoss(reduction="sum")
     size: int | None = None
     with torch.inference_mode():
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, y = on_device(x, device, transform, channels_last), y.to(device, non_blocking=True)
             logits, size = run_within_memory(
                 functools.partial(_logits, model, x, device, amp), size, len(y), "validation", device
             )
-            loss_sum += float(criterion(logits, y))
-            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += criterion(logits, y)  # summed on the device: one host read per pass
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-    return loss_sum / max(seen, 1), correct / max(seen, 1)
+    return float(loss_sum) / max(seen, 1), int(correct) / max(seen, 1)
+
+
+def on_device(
+    x: torch.Tensor, device: torch.device, transform: nn.Module | None, channels_last: bool
+) -> torch.Tensor:
+    """A loader batch as model input: copied to ``device``, transformed there, in the memory format."""
+    x = x.to(device, non_blocking=True)
+    if transform is not None:
+        x = transform.to(device)(x)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 class Diverged(Exception):
@@ -144,16 +163,18 @@ def train_step(
         with autocast(device, amp):
             logits = model(xs)
             loss = criterion(logits.float(), ys)
-        if not torch.isfinite(loss):
-            raise Diverged(f"loss {float(loss.detach())}")
         share = len(ys) / len(y)
         (loss * share).backward() if share < 1 else loss.backward()
         total += loss.detach() * share
         pieces.append(logits.detach())
-    # one fused norm over every gradient: a non-finite one must not reach the weights
+    # One host read per step, and the only one: a non-finite loss gives non-finite gradients, so
+    # one fused norm over every gradient catches both before anything reaches the weights.
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-        raise Diverged("gradient norm is not finite")
+    finite = torch.isfinite(total)
+    if grads:
+        finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+    if not bool(finite):
+        raise Diverged(f"loss {float(total)}" if not torch.isfinite(total) else "gradient norm is not finite")
     optimizer.step()
     return total, torch.cat(pieces)
 
@@ -198,13 +219,24 @@ def fit(
     min_epochs: int = 0,
     checkpointer: Checkpointer | None = None,
     stop: StopRequest | None = None,
+    train_transform: nn.Module | None = None,
+    val_transform: nn.Module | None = None,
+    compile_model: bool = False,
+    accumulation_steps: int = 1,
 ) -> LoopResult:
     """Trains up to ``epochs``; early stopping (``patience``) never ends it before ``min_epochs``.
 
     With a ``checkpointer`` the loop resumes from its checkpoint when there is one, and writes one
     at epoch ends and every ``checkpointer.every_steps``. When ``stop`` is set (SIGTERM) it writes
     one after the current step and raises :class:`Preempted`.
+
+    ``train_transform``/``val_transform`` turn the loaders' uint8 batches into model input on
+    ``device`` (training/batches.py). ``compile_model`` runs the forward and backward passes through
+    ``torch.compile``. ``accumulation_steps`` splits each batch into that many passes whose gradients
+    add up to the batch's: the memory of a smaller batch, the optimisation of the whole one.
     """
+    # same parameters; the state (checkpoints, best weights) stays on ``model``
+    net: nn.Module = torch.compile(model) if compile_model else model  # type: ignore[assignment]
     criterion = nn.CrossEntropyLoss()
     history: list[EpochRecord] = []
     best_state = copy.deepcopy(model.state_dict())
@@ -225,10 +257,26 @@ def fit(
 
     def save_checkpoint() -> None:
         assert checkpointer is not None
+        drain()
         checkpointer.save(loop_state(progress, model, optimizer, scheduler, best_state, history, epoch_rng))
 
     diverged: str | None = None
-    micro_batch: int | None = None  # halved after each out-of-memory error (training/memory.py)
+    # images per pass: from accumulation_steps, then halved after each out-of-memory error
+    micro_batch: int | None = None
+    if accumulation_steps > 1:
+        micro_batch = (
+            max(1, -(-train_loader.batch_size // accumulation_steps)) if train_loader.batch_size else None
+        )
+    # loss and correct counts stay on the device until a checkpoint or the epoch's end reads them
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+
+    def drain() -> None:
+        progress.loss_sum += float(loss_sum)
+        progress.correct += int(correct)
+        loss_sum.zero_()
+        correct.zero_()
+
     while progress.epoch <= epochs:
         epoch = progress.epoch
         if on_epoch_start is not None:
@@ -245,41 +293,45 @@ def fit(
                 epoch_rng = epoch_rng_state(train_loader)
             batches = iter(train_loader)
         start = time.perf_counter()
-        for x, y in _until_loader_stops(batches, stop):
-            y = y.to(device, non_blocking=True)
-            try:
-                (loss, logits), micro_batch = run_within_memory(
-                    functools.partial(
-                        train_step, model, x, y, optimizer, criterion, device, amp, channels_last
-                    ),
-                    micro_batch,
-                    len(y),
-                    label,
-                    device,
-                )
-            except Diverged as error:
-                diverged = f"{error} at epoch {epoch}, step {progress.step + 1}"
-                break
-            progress.loss_sum += float(loss.detach()) * len(y)
-            progress.correct += int((logits.argmax(1) == y).sum())
-            progress.seen += len(y)
-            progress.step += 1
-            progress.global_step += 1
-            stopping = stop is not None and bool(stop)  # read once: SIGTERM may land between two reads
-            if checkpointer is not None and (
-                stopping or checkpointer.due(progress.global_step, epoch_end=False)
-            ):
-                progress.train_seconds += time.perf_counter() - start
-                start = time.perf_counter()
-                save_checkpoint()
-            if stopping:
-                raise _preempted(label, progress, checkpointer)
+        with image_progress(f"{label} epoch {epoch}/{epochs}", images_in(train_loader)) as bar:
+            for x, y in _until_loader_stops(batches, stop):
+                y = y.to(device, non_blocking=True)
+                x = on_device(x, device, train_transform, channels_last=False)
+                try:
+                    (loss, logits), micro_batch = run_within_memory(
+                        functools.partial(
+                            train_step, net, x, y, optimizer, criterion, device, amp, channels_last
+                        ),
+                        micro_batch,
+                        len(y),
+                        label,
+                        device,
+                    )
+                except Diverged as error:
+                    diverged = f"{error} at epoch {epoch}, step {progress.step + 1}"
+                    break
+                loss_sum += loss * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                progress.seen += len(y)
+                bar.advance(len(y))
+                progress.step += 1
+                progress.global_step += 1
+                stopping = stop is not None and bool(stop)  # read once: SIGTERM may land between two reads
+                if checkpointer is not None and (
+                    stopping or checkpointer.due(progress.global_step, epoch_end=False)
+                ):
+                    progress.train_seconds += time.perf_counter() - start
+                    start = time.perf_counter()
+                    save_checkpoint()
+                if stopping:
+                    raise _preempted(label, progress, checkpointer)
         if stop is not None and stop:  # the loader's workers got SIGTERM first: save the last whole step
             if checkpointer is not None:
                 save_checkpoint()
             raise _preempted(label, progress, checkpointer)
+        drain()
         if diverged is None:
-            val_loss, val_acc = evaluate_loader(model, val_loader, device, amp, channels_last)
+            val_loss, val_acc = evaluate_loader(net, val_loader, device, amp, channels_last, val_transform)
             if not math.isfinite(val_loss):  # finite steps can still blow the weights up
                 diverged = f"validation loss {val_loss} after epoch {epoch}"
         if diverged is not None:

@@ -19,11 +19,12 @@ import torch
 from adaptflow.config import IngestConfig
 from adaptflow.contracts import Preprocessing
 from adaptflow.cpus import configure_threads
-from adaptflow.data.images import ImageStore, eval_transform, train_transform
+from adaptflow.data.images import ImageStore
 from adaptflow.data.ingest import ingest
 from adaptflow.models.factory import build_torchvision
 from adaptflow.models.weights import save_weights_file
-from adaptflow.training.data import make_loader
+from adaptflow.training.batches import decoded_loader, eval_batches, eval_loader, train_batches
+from adaptflow.training.decoded import decode_split
 from adaptflow.training.loop import evaluate_loader, fit
 from adaptflow.training.runtime import pick_device, seed_everything
 
@@ -40,14 +41,9 @@ class PretrainResult:
     meta: dict[str, object]
 
 
-def channel_stats(store: ImageStore, entries: list, size: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean/std of the training images at the input size."""
-    from torchvision.transforms import v2
-
-    to_tensor = v2.Compose(
-        [v2.ToImage(), v2.Resize(size, antialias=True), v2.ToDtype(torch.float32, scale=True)]
-    )
-    stack = torch.stack([to_tensor(store.image(e)) for e in entries])
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of decoded uint8 training images, scaled to [0, 1]."""
+    stack = images.float() / 255
     mean = stack.mean(dim=(0, 2, 3)).tolist()
     std = stack.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
     return tuple(round(m, 6) for m in mean), tuple(round(s, 6) for s in std)
@@ -71,31 +67,34 @@ def pretrain(
     dev = pick_device(device)
     snapshot = ingest(str(data_dir), IngestConfig())
     store = ImageStore()
-    train, val, test = snapshot.split("train"), snapshot.split("val"), snapshot.split("test")
-    mean, std = channel_stats(store, train, input_size)
-    pre = Preprocessing(input_size=input_size, resize_size=input_size, mean=mean, std=std)  # type: ignore[arg-type]
     classes = snapshot.class_names
+    sized = Preprocessing(input_size=input_size, resize_size=input_size, mean=(0, 0, 0), std=(1, 1, 1))
+    decoded = {
+        name: decode_split(snapshot.split(name), classes, sized, store) for name in ("train", "val", "test")
+    }
+    mean, std = channel_stats(decoded["train"].images)
+    pre = sized.model_copy(update={"mean": mean, "std": std})
 
     net = build_torchvision(backbone, num_classes=len(classes)).to(dev)
-    loader = make_loader(
-        train, classes, train_transform(pre), store, batch_size=batch_size, shuffle=True, seed=seed
-    )
-    val_loader = make_loader(val, classes, eval_transform(pre), store, batch_size=256, shuffle=False)
-    test_loader = make_loader(test, classes, eval_transform(pre), store, batch_size=256, shuffle=False)
+    loader = decoded_loader(decoded["train"], batch_size=batch_size, shuffle=True, seed=seed)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     result = fit(
         net,
         loader,
-        val_loader,
+        eval_loader(decoded["val"]),
         optimizer,
         epochs=epochs,
         patience=epochs,
         device=dev,
         scheduler=scheduler,
         label="pretrain",
+        train_transform=train_batches(pre, augment=True),
+        val_transform=eval_batches(pre),
     )
-    _, test_acc = evaluate_loader(net, test_loader, dev, amp=False)
+    _, test_acc = evaluate_loader(
+        net, eval_loader(decoded["test"]), dev, amp=False, transform=eval_batches(pre)
+    )
 
     meta: dict[str, object] = {
         "architecture": backbone,

@@ -61,6 +61,41 @@ class _Moments:
         return float(kl.mean())
 
 
+class BatchNormMoments:
+    """Collects BatchNorm input moments while ``collecting`` is true, from forward passes made
+    for another purpose too: the baseline measures the shift during feature extraction, so every
+    image goes through the backbone once (training/features.py).
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        layers = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.moments = [_Moments(layer) for layer in layers]
+        self.collecting = False
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> BatchNormMoments:
+        self._handles = [m.layer.register_forward_hook(self._hook(m)) for m in self.moments]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, moments: _Moments):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if self.collecting:
+                moments(module, inputs, output)
+
+        return hook
+
+    def shift(self) -> float | None:
+        """Mean per-channel KL(target || source) over every BatchNorm layer; None without BatchNorm
+        or before any image was collected."""
+        values = [v for v in (m.kl_to_source() for m in self.moments) if v is not None]
+        return sum(values) / len(values) if values else None
+
+
 def batchnorm_shift(
     backbone: nn.Module, batches: Iterable[torch.Tensor], device: torch.device
 ) -> float | None:
@@ -69,20 +104,13 @@ def batchnorm_shift(
     ``batches`` are target images, preprocessed as for evaluation. The backbone runs in eval mode
     under ``no_grad``, so nothing about it changes.
     """
-    layers = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not layers:
-        return None
-    moments = [_Moments(layer) for layer in layers]
-    handles = [layer.register_forward_hook(m) for layer, m in zip(layers, moments, strict=True)]
     was_training = backbone.training
     backbone.eval()
     try:
-        with torch.no_grad():
+        with BatchNormMoments(backbone) as moments, torch.no_grad():
+            moments.collecting = True
             for batch in batches:
                 backbone(batch.to(device))
     finally:
-        for handle in handles:
-            handle.remove()
         backbone.train(was_training)
-    values = [v for v in (m.kl_to_source() for m in moments) if v is not None]
-    return sum(values) / len(values) if values else None
+    return moments.shift()

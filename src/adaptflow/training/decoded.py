@@ -1,0 +1,164 @@
+"""Decoded images: each snapshot image decoded, resized and cropped once, kept as ``uint8`` tensors.
+
+Decoding a PNG or JPEG and resizing it costs more than a ResNet-18 step on it at 32 px, so doing it
+per image per epoch (the usual ``Dataset.__getitem__``) starves the model. Here a split is decoded
+once, in a thread pool (PIL releases the GIL while it decodes and resizes), and written to
+``<cache>/<namespace>/<key>.npy``: the namespace is the preprocessing's resize, crop and
+interpolation; the key is the ordered image sha256s. The baseline stage writes it and the
+fine-tuning stage, a separate process, reads it. A split that fits ``memory_limit_bytes`` is loaded
+into memory; a larger one is memory-mapped, so the page cache holds what it can.
+
+What stays per batch (on the training device) is in :mod:`adaptflow.training.batches`: augmentation,
+scaling to float and normalisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adaptflow.config import Settings
+from adaptflow.contracts import ManifestEntry, Preprocessing
+from adaptflow.data.images import ImageStore
+from adaptflow.progress import track
+
+log = logging.getLogger(__name__)
+
+#: splits up to this size are loaded into memory; larger ones are memory-mapped from the cache file
+DEFAULT_MEMORY_LIMIT = 2 << 30
+
+
+@dataclass(frozen=True)
+class DecodedImages:
+    """One split's images as ``[N, 3, S, S]`` uint8 and their class indices, in the entries' order."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    memory_mapped: bool = False
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: slice | Sequence[int]) -> DecodedImages:
+        if isinstance(index, slice):
+            return DecodedImages(self.images[index], self.labels[index], self.memory_mapped)
+        rows = torch.as_tensor(list(index), dtype=torch.long)
+        return DecodedImages(self.images[rows], self.labels[rows], self.memory_mapped)
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel()
+
+
+def decoded_namespace(pre: Preprocessing) -> str:
+    """What decides a decoded image's pixels: resize, crop and interpolation (not mean/std)."""
+    key = f"{pre.resize_size}|{pre.input_size}|{pre.interpolation}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _entries_key(entries: Sequence[ManifestEntry]) -> str:
+    digest = hashlib.sha256()
+    for entry in entries:
+        digest.update(entry.sha256.encode())
+    return digest.hexdigest()[:32]
+
+
+def _resize_crop(pre: Preprocessing):  # type: ignore[no-untyped-def]
+    """The deterministic part of :func:`adaptflow.data.images.eval_transform`, ending in uint8."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(pre.resize_size, interpolation=v2.InterpolationMode(pre.interpolation), antialias=True),
+            v2.CenterCrop(pre.input_size),
+        ]
+    )
+
+
+def decode_all(
+    entries: Sequence[ManifestEntry], pre: Preprocessing, store: ImageStore, threads: int | None = None
+) -> np.ndarray:
+    """``[N, 3, S, S]`` uint8, decoded in ``threads`` threads (default: the CPUs torch may use)."""
+    out = np.empty((len(entries), 3, pre.input_size, pre.input_size), dtype=np.uint8)
+    transform = _resize_crop(pre)
+
+    def decode(i: int) -> int:
+        out[i] = transform(store.image(entries[i])).numpy()
+        return i
+
+    workers = threads or torch.get_num_threads()
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
+        for _ in track(pool.map(decode, range(len(entries))), total=len(entries), description="decode"):
+            pass
+    return out
+
+
+def _write_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.partial")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, path)  # atomic: a concurrent stage never reads half a file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path, memory_limit: int) -> tuple[np.ndarray, bool] | None:
+    try:
+        # copy-on-write mapping: a writable array torch can wrap without copying it
+        mapped = np.load(path, mmap_mode="c")
+        if mapped.nbytes <= memory_limit:
+            return np.array(mapped), False
+        return mapped, True
+    except (OSError, ValueError):
+        log.warning("decoded image cache %s is unreadable; decoding again", path)
+        return None
+
+
+def decode_split(
+    entries: Sequence[ManifestEntry],
+    class_names: Sequence[str],
+    pre: Preprocessing,
+    store: ImageStore,
+    cache_dir: str | Path | None = None,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+) -> DecodedImages:
+    """The split decoded once: from ``cache_dir`` when an earlier stage wrote it, else decoded now
+    (and written there). Without ``cache_dir`` it is decoded in memory only."""
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = torch.tensor([index[e.label] for e in entries], dtype=torch.long)
+    path = (
+        Path(cache_dir) / decoded_namespace(pre) / f"{_entries_key(entries)}.npy"
+        if cache_dir is not None
+        else None
+    )
+    loaded = _load(path, memory_limit) if path is not None and path.exists() else None
+    if loaded is not None and loaded[0].shape == (len(entries), 3, pre.input_size, pre.input_size):
+        array, mapped = loaded
+        log.info("decoded images: %d from %s%s", len(entries), path, " (memory-mapped)" if mapped else "")
+    else:
+        array, mapped = decode_all(entries, pre, store), False
+        if path is not None:
+            _write_atomic(path, array)
+            if array.nbytes > memory_limit:  # keep only the mapping, not a second copy in memory
+                array, mapped = np.load(path, mmap_mode="c"), True
+    return DecodedImages(torch.from_numpy(array), labels, mapped)
+
+
+def decoded_cache_dir(settings: Settings) -> Path:
+    """Beside the feature cache: ``<workdir>/cache/decoded`` unless the feature cache was moved."""
+    features = settings.baseline.feature_cache_dir
+    root = Path(features).parent if features else Path(settings.workdir).resolve() / "cache"
+    return root / "decoded"
