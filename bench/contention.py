@@ -1,6 +1,6 @@
 """Concurrent fine-tuning jobs on one machine: aggregate images/s with 1, 2 and 4 jobs (issue 12).
 
-Each job is a process running adaptflow's own training step (``adaptflow.training.loop.train_step``:
+Each job is a process running adaptflow's own training step (``adaptflow.training.step.train_step``:
 ResNet-18 at 32 px, batch 64, AdamW, cross-entropy, random tensors) with torch's threads sized by
 ``adaptflow.cpus.configure_threads()``, as a stage would. Every job warms up (3 steps) and says so;
 when all are ready they are told to start together, each counts the steps it finishes in
@@ -39,7 +39,7 @@ JOB = """
 import json, select, sys, time
 import torch, torchvision
 from adaptflow.cpus import configure_threads
-from adaptflow.training.loop import train_step
+from adaptflow.training.step import train_step
 seconds = float(sys.argv[1])
 threads = configure_threads()
 torch.manual_seed(0)
@@ -160,7 +160,7 @@ def markdown(
     lines = [
         *provenance(HEADING, command.strip()),
         f"- setup: each job is a process training ResNet-18, 32 px, batch 64, AdamW on random tensors with "
-        f"adaptflow.training.loop.train_step; torch threads from adaptflow.cpus.configure_threads() "
+        f"adaptflow.training.step.train_step; torch threads from adaptflow.cpus.configure_threads() "
         f"(CPU budget {cpu_budget()}); 3 warm-up steps, then all jobs timed together for "
         f"{args.seconds:g} s each, windows overlapping throughout; {os.cpu_count()} CPUs visible",
         f"- environments: default = GOMP_SPINCOUNT and OMP_WAIT_POLICY unset; adaptflow = {added} "

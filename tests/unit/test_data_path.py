@@ -174,3 +174,42 @@ def test_decoded_images_subset() -> None:
     )
     assert len(images.subset(slice(0, 4, 2))) == 2
     assert images.subset([3, 1]).labels.tolist() == [0, 1]
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_without_a_host_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CUDA path (fused AdamW + found_inf), run on the CPU: the update is skipped, and counted."""
+    from adaptflow.training import loop, step
+
+    monkeypatch.setattr(step, "skips_on_device", lambda optimizer, device: True)
+    monkeypatch.setattr(loop, "skips_on_device", lambda optimizer, device: True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    assert optimizer._step_supports_amp_scaling  # type: ignore[attr-defined]
+    (x, y), (bad_x, _) = _batches(2)
+    bad_x[0, 0, 0, 0] = float("nan")
+    skipped = torch.zeros((), dtype=torch.long)
+    before = [p.detach().clone() for p in model.parameters()]
+    step.train_step(model, bad_x, y, optimizer, nn.CrossEntropyLoss(), torch.device("cpu"), skipped=skipped)
+    assert int(skipped) == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # not taken
+    step.train_step(model, x, y, optimizer, nn.CrossEntropyLoss(), torch.device("cpu"), skipped=skipped)
+    assert int(skipped) == 1 and not torch.equal(before[0], next(model.parameters()))  # this one was taken
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    batches = _batches(3)
+    batches[1][0][0, 0, 0, 0] = float("nan")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    result = fit(
+        net,
+        batches,
+        batches[:1],
+        torch.optim.AdamW(net.parameters(), fused=True),
+        epochs=2,
+        patience=5,
+        device=torch.device("cpu"),
+    )
+    assert result.diverged is not None and "1 step(s) of epoch 1" in result.diverged and result.history == []

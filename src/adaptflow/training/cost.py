@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader
 
 from adaptflow.config import FinetuneConfig
 from adaptflow.models.factory import Classifier
-from adaptflow.training.loop import Diverged, evaluate_loader, on_device, train_step
 from adaptflow.training.schedule import Schedule
+from adaptflow.training.step import Diverged, evaluate_loader, on_device, train_step
 from adaptflow.training.strategies import (
     freeze_batchnorm,
     freeze_frozen_batchnorm,

@@ -31,8 +31,9 @@ from adaptflow.training.checkpoint import (
     replay_epoch_start,
     set_rng_state,
 )
-from adaptflow.training.memory import in_chunks, run_within_memory
-from adaptflow.training.runtime import autocast, peak_memory_mb
+from adaptflow.training.memory import run_within_memory
+from adaptflow.training.runtime import peak_memory_mb
+from adaptflow.training.step import Diverged, evaluate_loader, on_device, skips_on_device, train_step
 
 log = logging.getLogger(__name__)
 
@@ -81,102 +82,6 @@ class LoopResult:
             backbone_forward_images=backbone_forward_images,
             device=str(device),
         )
-
-
-def _logits(
-    model: nn.Module, x: torch.Tensor, device: torch.device, amp: bool, size: int | None
-) -> torch.Tensor:
-    with autocast(device, amp):
-        return in_chunks(model, x, size).float()
-
-
-def evaluate_loader(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    amp: bool,
-    channels_last: bool = False,
-    transform: nn.Module | None = None,
-) -> tuple[float, float]:
-    """(mean loss, accuracy). ``transform`` turns the loader's uint8 batches into model input on
-    ``device`` (training/batches.py). Out of memory halves the images per forward pass."""
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    size: int | None = None
-    with torch.inference_mode():
-        for x, y in loader:
-            x, y = on_device(x, device, transform, channels_last), y.to(device, non_blocking=True)
-            logits, size = run_within_memory(
-                functools.partial(_logits, model, x, device, amp), size, len(y), "validation", device
-            )
-            loss_sum += criterion(logits, y)  # summed on the device: one host read per pass
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-    return float(loss_sum) / max(seen, 1), int(correct) / max(seen, 1)
-
-
-def on_device(
-    x: torch.Tensor, device: torch.device, transform: nn.Module | None, channels_last: bool
-) -> torch.Tensor:
-    """A loader batch as model input: copied to ``device``, transformed there, in the memory format."""
-    x = x.to(device, non_blocking=True)
-    if transform is not None:
-        x = transform.to(device)(x)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-class Diverged(Exception):
-    """A non-finite loss or gradient: the step was not taken. The loop stops and says where."""
-
-
-def train_step(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    criterion: nn.Module,
-    device: torch.device,
-    amp: bool = False,
-    channels_last: bool = False,
-    micro_batch: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a batch; (mean loss, logits). The cost estimate times this same step.
-
-    With ``micro_batch`` the batch goes through the model that many images at a time and the
-    gradients accumulate, so the step is the full batch's (up to BatchNorm's per-pass statistics).
-    A non-finite loss or gradient raises :class:`Diverged` before the optimizer step.
-    """
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    optimizer.zero_grad(set_to_none=True)
-    size = len(y) if micro_batch is None else max(1, min(micro_batch, len(y)))
-    total = torch.zeros((), device=device)
-    pieces = []
-    for first in range(0, len(y), size):
-        xs, ys = x[first : first + size], y[first : first + size]
-        with autocast(device, amp):
-            logits = model(xs)
-            loss = criterion(logits.float(), ys)
-        share = len(ys) / len(y)
-        (loss * share).backward() if share < 1 else loss.backward()
-        total += loss.detach() * share
-        pieces.append(logits.detach())
-    # One host read per step, and the only one: a non-finite loss gives non-finite gradients, so
-    # one fused norm over every gradient catches both before anything reaches the weights.
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    finite = torch.isfinite(total)
-    if grads:
-        finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
-    if not bool(finite):
-        raise Diverged(f"loss {float(total)}" if not torch.isfinite(total) else "gradient norm is not finite")
-    optimizer.step()
-    return total, torch.cat(pieces)
 
 
 def _until_loader_stops(batches: Iterator[Any], stop: StopRequest | None) -> Iterator[Any]:
@@ -270,6 +175,7 @@ def fit(
     # loss and correct counts stay on the device until a checkpoint or the epoch's end reads them
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    skipped = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps skipped on the device
 
     def drain() -> None:
         progress.loss_sum += float(loss_sum)
@@ -300,7 +206,16 @@ def fit(
                 try:
                     (loss, logits), micro_batch = run_within_memory(
                         functools.partial(
-                            train_step, net, x, y, optimizer, criterion, device, amp, channels_last
+                            train_step,
+                            net,
+                            x,
+                            y,
+                            optimizer,
+                            criterion,
+                            device,
+                            amp,
+                            channels_last,
+                            skipped=skipped,
                         ),
                         micro_batch,
                         len(y),
@@ -330,6 +245,8 @@ def fit(
                 save_checkpoint()
             raise _preempted(label, progress, checkpointer)
         drain()
+        if diverged is None and skips_on_device(optimizer, device) and int(skipped):
+            diverged = f"non-finite loss or gradient in {int(skipped)} step(s) of epoch {epoch} (not taken)"
         if diverged is None:
             val_loss, val_acc = evaluate_loader(net, val_loader, device, amp, channels_last, val_transform)
             if not math.isfinite(val_loss):  # finite steps can still blow the weights up
