@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from adaptflow.contracts import Preprocessing
+from adaptflow.cpus import cpu_budget
 from adaptflow.errors import ExportError
 
 META_PREPROCESSING = "adaptflow.preprocessing"
@@ -31,16 +32,36 @@ class OnnxClassifier:
         return name
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        out: np.ndarray = self.session.run(None, {self.input_name: batch.astype(np.float32)})[0]
+        # no copy when the batch is already contiguous float32 (astype always copies)
+        feed = np.ascontiguousarray(batch, dtype=np.float32)
+        out: np.ndarray = self.session.run(None, {self.input_name: feed})[0]
         return out
 
 
-def load_onnx_classifier(path: str | Path, threads: int | None = None) -> OnnxClassifier:
+def session_options(threads: int | None = None) -> Any:
+    """onnxruntime's options for one classifier: its intra-op pool fitted to the pod.
+
+    Left at 0, onnxruntime sizes the pool from the host's cores, not the pod's CPU quota: the same
+    oversubscription DESIGN.md ("Fit the pod") measured for torch. A CNN is one chain of ops, so a
+    second (inter-op) pool has nothing to run in parallel: sequential mode, one inter-op thread.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )  # folds BatchNorm into Conv, fuses ReLU
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or cpu_budget().cpus
+    options.inter_op_num_threads = 1
+    return options
+
+
+def load_onnx_classifier(path: str | Path, threads: int | None = None) -> OnnxClassifier:
+    """``threads``: onnxruntime's intra-op threads; None: the CPUs this process may use."""
+    import onnxruntime as ort
+
+    options = session_options(threads)
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     meta = dict(session.get_modelmeta().custom_metadata_map)
     if META_PREPROCESSING not in meta or META_CLASSES not in meta:
