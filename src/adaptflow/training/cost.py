@@ -136,16 +136,24 @@ def estimate_cost(
     cfg: FinetuneConfig,
     device: torch.device,
     transforms: tuple[nn.Module, nn.Module] | None = None,
+    forward_images_per_second: float | None = None,
 ) -> CostEstimate:
     """Fine-tuning's expected and maximum wall time for ``cfg.strategy`` on ``schedule``.
 
     ``transforms``: the (train, validation) batch transforms fine-tuning applies (training/batches.py).
+    ``forward_images_per_second``: the model's inference throughput, when the caller measured it
+    (the baseline's extraction pass): a validation pass is that forward pass, so it is not run again.
     Trains a deep copy, so the caller's model, its BatchNorm statistics included, is untouched.
     """
     trial = copy.deepcopy(model).to(device)
     train_transform, val_transform = transforms if transforms is not None else (None, None)
     step = _timed_steps(trial, train_loader, cfg, device, train_transform)
-    val = _val_seconds(trial, val_loader, device, cfg.amp, val_transform)
+    val_images = len(val_loader.dataset)  # type: ignore[arg-type]
+    val = (
+        val_images / forward_images_per_second
+        if forward_images_per_second
+        else _val_seconds(trial, val_loader, device, cfg.amp, val_transform)
+    )
     del trial
     measured = CostEstimate(step, val, schedule.batch_size, len(train_loader))
     return measured.for_schedule(schedule, schedule_epochs(model, cfg))
