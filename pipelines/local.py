@@ -24,7 +24,6 @@ from adaptflow.errors import AdaptflowError, Interrupted
 from adaptflow.recovery import decide_interrupted_versions, sweep_stale_runs
 from adaptflow.steps import ERROR_FILE_ENV, SUMMARY_FILE
 from adaptflow.tracking import TrackingContext, run_lifecycle, start_pipeline_run
-from adaptflow.training.checkpoint import CHECKPOINT_ROOT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +88,8 @@ def kfp_local_run(
     """
     from kfp import local
     from kfp.local import config as local_config
+
+    from adaptflow.training.checkpoint import CHECKPOINT_ROOT_ENV  # here: that module imports torch
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(_builtin_print_kept())

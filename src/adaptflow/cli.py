@@ -6,6 +6,7 @@ the result: ``--json`` as JSON, otherwise what ``adaptflow.render`` builds from 
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -356,6 +357,9 @@ def main() -> None:
         app()
     except Exception as error:
         fail(error)  # one error: line and hint: (and --json's error object), or the traceback of a bug
+    finally:
+        # the process ends here: its exit need not garbage-collect torch, mlflow and kfp (~1 s)
+        gc.freeze()
 
 
 if __name__ == "__main__":

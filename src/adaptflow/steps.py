@@ -10,6 +10,7 @@ here knows whether it runs in a Kubeflow pod or under kfp.local.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ def reports_errors(stage: str) -> Callable[[F], F]:
     In a component process an error we can describe ends the process with the exit status that
     says whether a retry can help (:func:`adaptflow.errors.exit_status`), without a traceback; an
     unexpected one (a bug) keeps its traceback and exits 1. Neither is retried unless transient.
+    When the stage ends, so does its process: :func:`_spare_exit_collection`.
     """
 
     def wrap(func: F) -> F:
@@ -75,17 +77,33 @@ def reports_errors(stage: str) -> Callable[[F], F]:
                 if _in_component_process() and status != EXIT_FAILED:
                     raise SystemExit(status) from None
                 raise
+            finally:
+                if _in_component_process():
+                    _spare_exit_collection()
 
         return run  # type: ignore[return-value]
 
     return wrap
 
 
-def _settings(config_json: str) -> Settings:
+def _spare_exit_collection() -> None:
+    """A component process ends with its stage: its exit need not garbage-collect what it imported.
+
+    ``gc.freeze`` puts every object alive now out of the collector's reach, so the interpreter's exit
+    no longer walks the object graphs of torch, mlflow and kfp (about 1 s per stage process on 2
+    cores, bench/overhead.py); the OS takes the memory back. Not in a long-lived process, which
+    would then keep that garbage.
+    """
+    gc.freeze()
+
+
+def _settings(config_json: str, *, uses_torch: bool) -> Settings:
     """The run's settings from ``config_json``: the JSON itself, or the URI of a JSON file.
 
     Local runs pass a file (:func:`adaptflow.pipelines.local.write_run_config`), so the config never
-    sits on a stage's command line, where a large one fails with "Argument list too long".
+    sits on a stage's command line, where a large one fails with "Argument list too long". A stage
+    that ``uses_torch`` gets torch's threads sized to the pod's CPUs; the others never import torch
+    (about 1.5 s per stage process).
     """
     setup_logging()
     if config_json.lstrip().startswith("{"):
@@ -94,13 +112,14 @@ def _settings(config_json: str) -> Settings:
         from adaptflow.storage import read_bytes
 
         settings = Settings.from_json(read_bytes(config_json).decode())
-    configure_threads(settings.threads)  # a pod's CPU quota, not the node's cores
+    if uses_torch:
+        configure_threads(settings.threads)  # a pod's CPU quota, not the node's cores
     return settings
 
 
-def _open(config_json: str, parent_run_id: str) -> tuple[Settings, TrackingContext]:
+def _open(config_json: str, parent_run_id: str, *, uses_torch: bool) -> tuple[Settings, TrackingContext]:
     """Every step's prologue: logging, the run's settings, and the pipeline run to nest under."""
-    settings = _settings(config_json)
+    settings = _settings(config_json, uses_torch=uses_torch)
     return settings, _context(settings, parent_run_id)
 
 
@@ -150,7 +169,7 @@ def ingest_step(
     from adaptflow.registry import change_verdict
     from adaptflow.stage_logs import log_ingest, log_pipeline_config
 
-    settings = _settings(config_json)
+    settings = _settings(config_json, uses_torch=False)
     config_hash = settings.config_hash()
     tags = {"adaptflow.data_uri": data_uri, "adaptflow.config_hash": config_hash}
     tags |= lineage.tags() if lineage else {}
@@ -181,7 +200,7 @@ def report_unchanged_step(
     from adaptflow.stage_logs import log_outcome_summary
     from adaptflow.summary import unchanged_summary
 
-    settings, ctx = _open(config_json, parent_run_id)
+    settings, ctx = _open(config_json, parent_run_id, uses_torch=False)
     with run_lifecycle(ctx.tracking_uri, ctx.parent_run_id):
         champion = get_champion(ctx.tracking_uri, settings.registry.model_name)
         summary = unchanged_summary(Snapshot.load(snapshot_dir), reason, champion, settings, ctx)
@@ -201,7 +220,7 @@ def baseline_step(
     from adaptflow.stage_logs import log_baseline
     from adaptflow.training.baseline import baseline_for
 
-    settings, ctx = _open(config_json, parent_run_id)
+    settings, ctx = _open(config_json, parent_run_id, uses_torch=True)
     with stage_run(ctx, "baseline", {"adaptflow.data_fingerprint": fingerprint}):
         result = baseline_for(Snapshot.load(snapshot_dir), settings, out_dir)
         log_baseline(ctx, settings, result, Path(out_dir))
@@ -218,9 +237,10 @@ def finetune_step(
     from adaptflow.stage_logs import log_candidate
     from adaptflow.training.advisor import finetune_settings
     from adaptflow.training.checkpoint import stage_checkpointer
+    from adaptflow.training.decoded import decoded_cache_dir
     from adaptflow.training.finetune import FinetuneInputs, run_finetune
 
-    settings, ctx = _open(config_json, parent_run_id)
+    settings, ctx = _open(config_json, parent_run_id, uses_torch=True)
     baseline = BaselineResult.load(baseline_dir)
     cfg = finetune_settings(settings.finetune, baseline.decision, settings.baseline.advisor)
     tags = {"adaptflow.data_fingerprint": fingerprint, "adaptflow.strategy": cfg.strategy}
@@ -238,7 +258,9 @@ def finetune_step(
         mlflow.log_params(flat_params("finetune", cfg.model_dump(mode="json")))
         start = Path(baseline_dir) / "candidate"
         snapshot = Snapshot.load(snapshot_dir)
-        inputs = FinetuneInputs(snapshot, baseline, start, cfg, settings.seed, checkpointer, stop)
+        inputs = FinetuneInputs(
+            snapshot, baseline, start, cfg, settings.seed, checkpointer, stop, decoded_cache_dir(settings)
+        )
         log_candidate(run_finetune(inputs, out_dir), Path(out_dir))
 
 
@@ -280,7 +302,7 @@ def evaluate_step(
     from adaptflow.evaluation import evaluate_against_champion
     from adaptflow.stage_logs import log_evaluation
 
-    settings, ctx = _open(config_json, parent_run_id)
+    settings, ctx = _open(config_json, parent_run_id, uses_torch=True)
     snapshot = Snapshot.load(snapshot_dir)
     with stage_run(ctx, "evaluate", {"adaptflow.data_fingerprint": fingerprint}):
         evaluation = evaluate_against_champion(
@@ -313,7 +335,7 @@ def export_step(
     from adaptflow.export import export_onnx
     from adaptflow.stage_logs import log_export
 
-    settings, ctx = _open(config_json, parent_run_id)
+    settings, ctx = _open(config_json, parent_run_id, uses_torch=True)
     evaluation = Evaluation.load(evaluation_dir)
     with stage_run(ctx, "export", {"adaptflow.candidate": evaluation.winner}):
         result = export_onnx(_winner_dir(evaluation, baseline_dir, selected_dir), settings.export, out_dir)
@@ -341,7 +363,7 @@ def register_step(
     from adaptflow.stage_logs import log_outcome_summary, log_registration
     from adaptflow.summary import build_summary
 
-    settings, ctx = _open(config_json, parent_run_id)
+    settings, ctx = _open(config_json, parent_run_id, uses_torch=False)
     snapshot, evaluation = Snapshot.load(snapshot_dir), Evaluation.load(evaluation_dir)
     export = ExportResult.load(export_dir)
     winner = Candidate.load(_winner_dir(evaluation, baseline_dir, selected_dir))
@@ -368,7 +390,7 @@ def compare_strategy_step(
     from adaptflow.compare import compare_one_strategy
     from adaptflow.stage_logs import log_outcome
 
-    settings, ctx = _open(config_json, parent_run_id)
+    settings, ctx = _open(config_json, parent_run_id, uses_torch=True)
     snapshot, out = Snapshot.load(snapshot_dir), Path(out_dir)
     with stage_run(ctx, f"compare-{strategy}", {"adaptflow.strategy": strategy}) as run:
         outcome = compare_one_strategy(strategy, snapshot, Path(baseline_dir), settings, out)
@@ -391,6 +413,6 @@ def compare_report_step(
     """Gathers the ParallelFor outcomes into one CompareResult + report; returns the best strategy."""
     from adaptflow.compare import gather_outcomes
 
-    settings, ctx = _open(config_json, parent_run_id)
+    settings, ctx = _open(config_json, parent_run_id, uses_torch=False)
     snapshot, out = Snapshot.load(snapshot_dir), Path(out_dir)
     return gather_outcomes(data_uri, snapshot, Path(baseline_dir), outcome_dirs, settings, ctx, out).best

@@ -20,16 +20,20 @@ import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
 
 from adaptflow.config import BackboneSpec
 from adaptflow.contracts import Preprocessing
 from adaptflow.errors import WeightsError
-from adaptflow.models.factory import backbone_def
 from adaptflow.storage import download_to, sha256_file
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used: the summary and the register stage read init_label from here,
+# and a stage process that never touches torch saves ~1.5 s
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +142,8 @@ _UNLOADABLE: tuple[type[Exception], ...] = (
 
 def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """State dict + adaptflow metadata from a .safetensors or a torch (.pth/.pt) weights file."""
+    import torch
+
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -162,6 +168,8 @@ def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 def check_finite(state: dict[str, Any], source: str) -> dict[str, Any]:
     """``state``, after checking that no floating-point tensor holds NaN or inf (names the first)."""
+    import torch
+
     for name, tensor in state.items():
         if (
             isinstance(tensor, torch.Tensor)
@@ -206,8 +214,14 @@ def fetch_verified(uri: str, expected: str | None, cache_dir: Path) -> tuple[Pat
 
 def resolve_weights(spec: BackboneSpec, cache_dir: str | Path) -> ResolvedWeights:
     """Weights (or none, for random init) with their sha256 and the preprocessing they expect."""
+    import torch
+
+    from adaptflow.models.factory import backbone_def
+
     backbone_def(spec.name)  # unknown names fail here, listing the valid ones
-    enum = _enum_weights(spec)
+    # torchvision's enum (a 1-2 s import) only where it is needed: when it is the source, or when a
+    # mirrored file does not carry its own preprocessing (adaptflow's own weights files do)
+    enum = _enum_weights(spec) if spec.weights_uri is None else None
     uri = spec.weights_uri or (enum.url if enum is not None else None)
     if uri is None:
         log.warning(
@@ -236,7 +250,7 @@ def resolve_weights(spec: BackboneSpec, cache_dir: str | Path) -> ResolvedWeight
     state, meta = read_weights_file(path)
     if "preprocessing" in meta:
         pre = Preprocessing.model_validate(meta["preprocessing"])
-    elif enum is not None:
+    elif (enum := _enum_weights(spec)) is not None:
         pre = _enum_preprocessing(enum)
         meta = {**_enum_source_task(enum), **meta}
     else:
@@ -268,6 +282,8 @@ def _override(pre: Preprocessing, spec: BackboneSpec) -> Preprocessing:
 
 def save_weights_file(state: dict[str, torch.Tensor], path: Path, meta: dict[str, Any]) -> str:
     """Writes a safetensors (metadata in the header) or .pth state dict; returns its sha256."""
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     contiguous = {k: v.detach().contiguous().cpu() for k, v in state.items()}
