@@ -358,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--backbone-file", type=Path, help="an adaptflow weights file (resnet18)")
     source.add_argument("--random-init", action="store_true", help="a random resnet18 at 32 px")
+    parser.add_argument("--size", type=int, default=None, help="input size in px (default: the backbone's)")
     parser.add_argument("--workdir", type=Path, default=Path(".adaptflow/bench-baseline"))
     parser.add_argument("--no-write", action="store_true", help="print the section, leave RESULTS.md alone")
     args = parser.parse_args(argv)
@@ -369,10 +370,11 @@ def main(argv: list[str] | None = None) -> None:
     from adaptflow.training.decoded import DecodedImages, decode_split
 
     threads = configure_threads()
+    heading = HEADING if args.size is None else f"{HEADING} at {args.size} px"
     args.workdir.mkdir(parents=True, exist_ok=True)
     snapshot = fashion_snapshot(args.workdir, args.images)
     backbone = backbone_weights(args.workdir, args.backbone_file, args.random_init)
-    settings = settings_for(args.workdir, backbone)
+    settings = settings_for(args.workdir, backbone, args.size)
     weights = resolve_weights(settings.backbone, args.workdir / "weights")
     assert weights.state_dict is not None
     pre, classes = weights.preprocessing, snapshot.class_names
@@ -451,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     command = shlex.join(["python", "bench/baseline.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [
-        *provenance(HEADING, command),
+        *provenance(heading, command),
         f"- data: Fashion-MNIST classes 5-9 ({', '.join(CLASS_NAMES[c] for c in TARGET_CLASSES)}), "
         f"{args.images} images drawn (seed 0) from the official training set, written as PNG and ingested "
         f"by adaptflow (default splits): {n_train} train + {n_val} val images ({unique} unique), "
@@ -529,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     section = "\n".join(lines) + "\n"
     print(section)
     if not args.no_write:
-        write_results(section, RESULTS, HEADING)
+        write_results(section, RESULTS, heading)
 
 
 if __name__ == "__main__":
