@@ -14,8 +14,8 @@ batch size, AdamW and loss, in this one process with the same torch threads:
   the model alone can do. adaptflow ÷ synthetic is the data path's cost.
 
 Steady state: each side runs ``--epochs`` epochs per round; the first is warm-up and the median of
-the rest is that round's images/s (training images ÷ epoch seconds; the validation set is 64
-images). The median of ``--rounds`` interleaved rounds is reported.
+the rest is that round's images/s (training images ÷ epoch seconds, each epoch with a validation
+pass over the same 64 images on every side). The median of ``--rounds`` interleaved rounds is reported.
 
 On CUDA (``--gpu``): ResNet-50 at 224 px, adaptflow with bf16 autocast and channels_last against
 the plain fp32 loop; utilisation = achieved FLOP/s (counted by ``torch.utils.flop_counter`` on one
@@ -95,10 +95,10 @@ def run_fit(model: nn.Module, loader, val, device, amp: bool, cl: bool, transfor
     return epoch_rates([r.seconds for r in result.history], result.train_images // len(result.history))
 
 
-def run_plain(model: nn.Module, loader, device: torch.device, transform: nn.Module) -> float:  # type: ignore[no-untyped-def]
+def run_plain(model: nn.Module, loader, val, device: torch.device, transforms) -> float:  # type: ignore[no-untyped-def]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     criterion = nn.CrossEntropyLoss()
-    transform = transform.to(device).train()
+    transform, val_transform = transforms[0].to(device).train(), transforms[1].to(device)
     seconds, images = [], 0
     for _ in range(EPOCHS):
         start, images = time.perf_counter(), 0
@@ -108,6 +108,10 @@ def run_plain(model: nn.Module, loader, device: torch.device, transform: nn.Modu
             criterion(model(x), y).backward()
             optimizer.step()
             images += len(y)
+        model.eval()  # and a validation pass per epoch, as fit (and the tutorial) make one
+        with torch.no_grad():
+            sum(int((model(val_transform(x.to(device))).argmax(1) == y.to(device)).sum()) for x, y in val)
+        model.train()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - start)
