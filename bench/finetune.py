@@ -162,7 +162,7 @@ def bench_size(args: argparse.Namespace, size: int, entries: list, classes: tupl
             make_model(arch, len(classes), device, cl), loader, val, device, amp, cl, transforms
         ),
         "plain": lambda: run_plain(
-            make_model(arch, len(classes), device, False), loader, device, transforms[0]
+            make_model(arch, len(classes), device, False), loader, val, device, transforms
         ),
         "synthetic": lambda: run_fit(
             make_model(arch, len(classes), device, cl), synthetic, val, device, amp, cl, (None, transforms[1])
