@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence import provenance, write_results
+from evidence import provenance, publish
 from fashion_mnist import CLASS_NAMES, TARGET_CLASSES, draw, find_dataset_dir, load_split, write_tree
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -528,10 +528,7 @@ def main(argv: list[str] | None = None) -> None:
         f"| stage wall (`cost.wall_seconds`, from its own clock) | {med(stage_walls):.2f} | "
         f"| {med(stage_walls) / ext:.2f} |"
     )
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if not args.no_write:
-        write_results(section, RESULTS, heading)
+    publish(lines, heading, write=not args.no_write, path=RESULTS)
 
 
 if __name__ == "__main__":

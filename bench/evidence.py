@@ -204,6 +204,17 @@ def write_results(section: str, path: Path, heading: str = HEADING) -> None:
     path.write_text(text)
 
 
+def publish(
+    lines: list[str], heading: str, write: bool, path: Path = Path(__file__).with_name("RESULTS.md")
+) -> str:
+    """A bench's section: printed, and (``write``) put under ``heading`` in bench/RESULTS.md."""
+    section = "\n".join(lines) + "\n"
+    print(section)
+    if write:
+        write_results(section, path, heading)
+    return section
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from evidence import provenance, write_results
+from evidence import provenance, publish
 from fashion_mnist import draw, find_dataset_dir, load_split, write_tree
 from torch import nn
 
@@ -243,10 +243,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
         *rows,
     ]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if not args.no_write:
-        write_results(section, RESULTS, heading)
+    publish(lines, heading, write=not args.no_write, path=RESULTS)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from evidence import provenance, write_results
+from evidence import provenance, publish
 
 from adaptflow.onnx_model import OnnxClassifier
 
@@ -298,10 +298,7 @@ def main() -> None:
             "|---|---|---|---|---|",
             *pred,
         ]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if not args.no_write:
-        write_results(section, RESULTS, HEADING)
+    publish(lines, HEADING, write=not args.no_write, path=RESULTS)
 
 
 if __name__ == "__main__":

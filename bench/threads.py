@@ -24,7 +24,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from evidence import provenance, write_results
+from evidence import provenance, publish
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## Threads under a CPU quota (issue 12)"
@@ -119,10 +119,7 @@ def main() -> None:
         median = statistics.median(rates[name])
         spread = ", ".join(f"{r:.0f}" for r in rates[name])
         lines.append(f"| {name} | {threads[name]} | {median:.1f} | {spread} | {median / by_hand:.2f} |")
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if not args.no_write:
-        write_results(section, RESULTS, HEADING)
+    publish(lines, HEADING, write=not args.no_write, path=RESULTS)
 
 
 if __name__ == "__main__":
