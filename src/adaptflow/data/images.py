@@ -186,9 +186,9 @@ class ImageStore:
         return decode_image(self.read(entry))
 
 
-def _transform(pre: Preprocessing, augment: list[Any]) -> v2.Compose:
-    """Resize, centre crop, ``augment``, then scale and normalise: one recipe for training and inference."""
-    import torch
+def resize_crop(pre: Preprocessing) -> v2.Compose:
+    """An image -> a ``uint8`` tensor, resized and centre-cropped: the deterministic first half of
+    every transform, and what the decoded-image cache stores (training/decoded.py)."""
     from torchvision.transforms import v2
 
     interpolation = v2.InterpolationMode(pre.interpolation)
@@ -197,6 +197,18 @@ def _transform(pre: Preprocessing, augment: list[Any]) -> v2.Compose:
             v2.ToImage(),
             v2.Resize(pre.resize_size, interpolation=interpolation, antialias=True),
             v2.CenterCrop(pre.input_size),
+        ]
+    )
+
+
+def _transform(pre: Preprocessing, augment: list[Any]) -> v2.Compose:
+    """Resize, centre crop, ``augment``, then scale and normalise: one recipe for training and inference."""
+    import torch
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            resize_crop(pre),
             *augment,
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(pre.mean), list(pre.std)),

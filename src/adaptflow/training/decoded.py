@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +25,9 @@ import torch
 
 from adaptflow.config import Settings
 from adaptflow.contracts import ManifestEntry, Preprocessing
-from adaptflow.data.images import ImageStore
+from adaptflow.data.images import ImageStore, resize_crop
 from adaptflow.progress import image_progress
+from adaptflow.storage import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +63,11 @@ def decoded_namespace(pre: Preprocessing) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _entries_key(entries: Sequence[ManifestEntry]) -> str:
+def entries_key(entries: Sequence[ManifestEntry]) -> str:
     digest = hashlib.sha256()
     for entry in entries:
         digest.update(entry.sha256.encode())
     return digest.hexdigest()[:32]
-
-
-def _resize_crop(pre: Preprocessing):  # type: ignore[no-untyped-def]
-    """The deterministic part of :func:`adaptflow.data.images.eval_transform`, ending in uint8."""
-    from torchvision.transforms import v2
-
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(pre.resize_size, interpolation=v2.InterpolationMode(pre.interpolation), antialias=True),
-            v2.CenterCrop(pre.input_size),
-        ]
-    )
 
 
 def decode_all(
@@ -100,7 +86,7 @@ def decode_all(
     from adaptflow.cpus import cpu_budget
 
     out = np.empty((len(entries), 3, pre.input_size, pre.input_size), dtype=np.uint8)
-    transform = _resize_crop(pre)
+    transform = resize_crop(pre)
 
     def decode(row: int) -> None:
         out[row] = transform(store.image(entries[row])).numpy()
@@ -120,18 +106,6 @@ def decode_all(
     finally:
         torch.set_num_threads(torch_threads)
     return out
-
-
-def _write_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.partial")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)  # atomic: a concurrent stage never reads half a file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _load(path: Path, memory_limit: int) -> tuple[np.ndarray, bool] | None:
@@ -159,7 +133,7 @@ def decode_split(
     index = {name: i for i, name in enumerate(class_names)}
     labels = torch.tensor([index[e.label] for e in entries], dtype=torch.long)
     path = (
-        Path(cache_dir) / decoded_namespace(pre) / f"{_entries_key(entries)}.npy"
+        Path(cache_dir) / decoded_namespace(pre) / f"{entries_key(entries)}.npy"
         if cache_dir is not None
         else None
     )
@@ -170,7 +144,7 @@ def decode_split(
     else:
         array, mapped = decode_all(entries, pre, store), False
         if path is not None:
-            _write_atomic(path, array)
+            write_atomic(path, lambda handle: np.save(handle, array))  # a concurrent stage never reads half
             if array.nbytes > memory_limit:  # keep only the mapping, not a second copy in memory
                 array, mapped = np.load(path, mmap_mode="c"), True
     return DecodedImages(torch.from_numpy(array), labels, mapped)

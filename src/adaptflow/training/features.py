@@ -10,8 +10,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,8 @@ import torch
 from adaptflow.contracts import ManifestEntry, Preprocessing
 from adaptflow.models.factory import Classifier
 from adaptflow.progress import image_progress
-from adaptflow.training.decoded import DecodedImages
+from adaptflow.storage import write_atomic
+from adaptflow.training.decoded import DecodedImages, entries_key
 from adaptflow.training.memory import in_chunks, run_within_memory
 from adaptflow.training.shift import BatchNormMoments
 
@@ -61,20 +60,10 @@ class FeatureCache:
             return None
 
     def put(self, sha256: str, vector: np.ndarray) -> None:
-        path = self._path(sha256)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.partial")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, vector)
-            os.replace(tmp, path)  # atomic: concurrent runs never see half a file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomic(self._path(sha256), lambda handle: np.save(handle, vector))  # concurrent runs share it
 
     def _shift_path(self, entries: list[ManifestEntry]) -> Path:
-        digest = hashlib.sha256("".join(e.sha256 for e in entries).encode()).hexdigest()
-        return self.dir / "shift" / f"{digest[:32]}.json"
+        return self.dir / "shift" / f"{entries_key(entries)}.json"
 
     def get_shift(self, entries: list[ManifestEntry]) -> float | Literal[False] | None:
         """The BatchNorm shift measured on exactly these images (None: no BatchNorm); False if not cached."""
@@ -86,11 +75,9 @@ class FeatureCache:
         return None if value is None else float(value)
 
     def put_shift(self, entries: list[ManifestEntry], value: float | None) -> None:
-        path = self._shift_path(entries)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.partial")
-        tmp.write_text(json.dumps({"shift": value}))
-        os.replace(tmp, path)
+        write_atomic(
+            self._shift_path(entries), lambda handle: handle.write(json.dumps({"shift": value}).encode())
+        )
 
 
 def _features(model: Classifier, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
