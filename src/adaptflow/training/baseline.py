@@ -47,11 +47,6 @@ class BaselineInputs:
     decoded_cache_dir: Path | None = None  # decoded images (training/decoded.py); None: in memory only
 
 
-def _labels(entries: list, class_names: tuple[str, ...]) -> np.ndarray:
-    index = {c: i for i, c in enumerate(class_names)}
-    return np.array([index[e.label] for e in entries], dtype=np.int64)
-
-
 def shift_sample_rows(train_images: int, sample_images: int) -> list[int]:
     """An even sample of at most ``sample_images`` training rows, for the BatchNorm shift signal."""
     step = max(1, -(-train_images // sample_images))  # ceil: at most N images
@@ -169,8 +164,7 @@ def run_baseline(
     del both
     x_train = torch.from_numpy(feats.features[: len(train)])
     x_val = torch.from_numpy(feats.features[len(train) :])
-    y_train = torch.from_numpy(_labels(train, classes))
-    y_val = torch.from_numpy(_labels(val, classes))
+    y_train, y_val = decoded_train.labels, decoded_val.labels
 
     head, loop = train_linear_probe(x_train, y_train, x_val, y_val, len(classes), cfg, inputs.seed)
     model.head.load_state_dict(head.state_dict())

@@ -52,10 +52,6 @@ class DecodedImages:
         rows = torch.as_tensor(list(index), dtype=torch.long)
         return DecodedImages(self.images[rows], self.labels[rows], self.memory_mapped)
 
-    @property
-    def nbytes(self) -> int:
-        return self.images.numel()
-
 
 def decoded_namespace(pre: Preprocessing) -> str:
     """What decides a decoded image's pixels: resize, crop and interpolation (not mean/std)."""
