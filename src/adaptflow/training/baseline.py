@@ -138,30 +138,28 @@ def run_baseline(
     train, val = snapshot.split("train"), snapshot.split("val")
     decoded_train = decode_split(train, classes, pre, store, inputs.decoded_cache_dir)
     decoded_val = decode_split(val, classes, pre, store, inputs.decoded_cache_dir)
-    both = DecodedImages(
-        torch.cat([decoded_train.images, decoded_val.images]),
-        torch.cat([decoded_train.labels, decoded_val.labels]),
-    )
     # the shift signal's sample is measured in the extraction pass: one backbone forward per image,
     # and none on a rerun (the value is cached with the features it came with)
     sample = shift_sample_rows(len(train), cfg.advisor.shift_sample_images)
     cached_shift = cache.get_shift([train[r] for r in sample])
+    transform = eval_batches(pre)
     with BatchNormMoments(model.backbone) as moments:
-        feats = extract_features(
+        train_feats = extract_features(
             model,
-            train + val,
-            both,
-            eval_batches(pre),
+            train,
+            decoded_train,
+            transform,
             cache,
             device,
             cfg.feature_batch_size,
             moments if cached_shift is False else None,
             sample,
         )
+    val_feats = extract_features(model, val, decoded_val, transform, cache, device, cfg.feature_batch_size)
+    feats = train_feats.followed_by(val_feats)
     shift = moments.shift() if cached_shift is False else cached_shift
     if cached_shift is False:
         cache.put_shift([train[r] for r in sample], shift)
-    del both
     x_train = torch.from_numpy(feats.features[: len(train)])
     x_val = torch.from_numpy(feats.features[len(train) :])
     y_train, y_val = decoded_train.labels, decoded_val.labels

@@ -34,7 +34,23 @@ class FeatureBatch:
     features: np.ndarray  # [N, D] float32, in the order of the entries given
     computed: int  # images pushed through the backbone by this call
     cached: int
-    images_per_second: float | None  # forward throughput measured on the computed images
+    seconds: float  # spent computing them (transform and forward)
+
+    @property
+    def images_per_second(self) -> float | None:
+        """Forward throughput measured on the computed images."""
+        return self.computed / self.seconds if self.computed and self.seconds > 0 else None
+
+    def followed_by(self, other: FeatureBatch) -> FeatureBatch:
+        """This call's features, then ``other``'s (e.g. train, then validation)."""
+        return FeatureBatch(
+            np.concatenate([f for f in (self.features, other.features) if f.size])
+            if self.features.size or other.features.size
+            else self.features,
+            self.computed + other.computed,
+            self.cached + other.cached,
+            self.seconds + other.seconds,
+        )
 
 
 def cache_namespace(backbone_name: str, weights_sha256: str, pre: Preprocessing) -> str:
@@ -150,8 +166,7 @@ def extract_features(
     if moments is not None:
         moments.collecting = False
     features = np.stack([out[e.sha256] for e in entries]).astype(np.float32) if entries else np.zeros((0, 0))
-    rate = computed / seconds if computed and seconds > 0 else None
     log.info(
         "features: %d computed, %d from cache (%s)", len(pending), len(entries) - len(pending), cache.dir
     )
-    return FeatureBatch(features, computed, len(entries) - len(pending), rate)
+    return FeatureBatch(features, computed, len(entries) - len(pending), seconds)
