@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 
 class AdaptflowError(Exception):
@@ -21,6 +22,17 @@ class AdaptflowError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # whole across processes (decoding workers): class, message, hint and the rest of the state
+        return (_restore, (type(self), self.message, self.__dict__))
+
+
+def _restore(cls: type[AdaptflowError], message: str, state: dict[str, Any]) -> AdaptflowError:
+    error = cls.__new__(cls)
+    BaseException.__init__(error, message)
+    error.__dict__.update(state)
+    return error
 
 
 class ConfigError(AdaptflowError):

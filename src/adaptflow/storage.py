@@ -90,6 +90,10 @@ def s3_client(endpoint_url: str | None = None, max_attempts: int = 8) -> Any:
     return boto3.client("s3", endpoint_url=endpoint, config=config)
 
 
+# a forked process (a decoding worker) opens its own connections, never its parent's
+os.register_at_fork(after_in_child=s3_client.cache_clear)
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     uri: str

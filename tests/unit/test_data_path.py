@@ -64,6 +64,47 @@ def test_decoded_cache_is_written_once_and_reused(entries, tmp_path: Path) -> No
     assert again.reads == len(train)
 
 
+def test_worker_processes_decode_the_same_pixels_and_raise_one_clear_error(tiny_baseline) -> None:  # type: ignore[no-untyped-def]
+    from adaptflow.errors import DataError
+    from adaptflow.training import decoded as decoded_module
+
+    train = tiny_baseline.snapshot.split("train")
+    chunk = max(4, len(train) // 4)  # several chunks, so several worker processes
+    in_process = decoded_module.decode_all(train, PRE, ImageStore(), workers=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decoded_module, "CHUNK", chunk)
+        assert torch.equal(
+            torch.from_numpy(decoded_module.decode_all(train, PRE, ImageStore(), workers=2)),
+            torch.from_numpy(in_process),
+        )
+        # a file that changed after ingest, read in a worker: the parent raises the store's own error
+        changed = train[-1].model_copy(update={"sha256": "0" * 64})
+        with pytest.raises(DataError) as raised:
+            decoded_module.decode_all([*train[:-1], changed], PRE, ImageStore(), workers=2)
+    assert "changed after ingest" in raised.value.message and raised.value.hint
+    assert "Traceback" not in str(raised.value)
+
+
+def test_feature_cache_shards_serve_what_was_put_and_skip_broken_ones(tmp_path: Path) -> None:
+    import numpy as np
+
+    from adaptflow.training.features import FeatureCache
+
+    cache = FeatureCache(tmp_path, "ns")
+    vectors = np.arange(12, dtype=np.float32).reshape(3, 4)
+    cache.put(["a", "b", "c"], vectors)
+    cache.put(["d"], vectors[:1] + 100)
+    fresh = FeatureCache(tmp_path, "ns")  # another process: reads the shards from disk
+    assert fresh.images() == {"a", "b", "c", "d"}
+    found = fresh.lookup(["c", "a", "x", "d"])
+    assert set(found) == {"a", "c", "d"}
+    assert np.array_equal(found["c"], vectors[2]) and np.array_equal(found["d"], vectors[0] + 100)
+    assert len(list((tmp_path / "ns" / "shards").iterdir())) == 4  # two files per shard, not per image
+    (features,) = [p for p in (tmp_path / "ns" / "shards").glob("*.features.npy") if np.load(p).shape[0] == 3]
+    features.write_bytes(b"broken")
+    assert set(FeatureCache(tmp_path, "ns").lookup(["a", "d"])) == {"d"}  # a broken shard is a miss
+
+
 def test_loader_batches_are_deterministic_and_memory_mapped_ones_use_workers(entries, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     train, classes = entries
     decoded = decode_split(train, classes, PRE, ImageStore())

@@ -13,6 +13,7 @@ from adaptflow.contracts import BaselineResult, Candidate
 from adaptflow.data.ingest import ingest
 from adaptflow.training.advisor import advise
 from adaptflow.training.baseline import run_baseline
+from adaptflow.training.features import FeatureCache
 from adaptflow.training.finetune import FinetuneInputs, run_finetune
 from scoring import saved_candidate_accuracy
 
@@ -43,7 +44,7 @@ def test_feature_cache_key_includes_preprocessing(baseline_run) -> None:  # type
 
 def _cached_images(root: Path) -> dict[str, set[str]]:
     """Feature-cache namespace folder -> the image hashes cached in it."""
-    return {ns.name: {f.stem for f in ns.rglob("*.npy")} for ns in root.iterdir() if ns.is_dir()}
+    return {ns.name: FeatureCache(root, ns.name).images() for ns in root.iterdir() if ns.is_dir()}
 
 
 def test_feature_cache_key_includes_the_weights_hash(baseline_run, tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -80,7 +81,7 @@ def test_feature_cache_key_includes_the_weights_hash(baseline_run, tiny_assets, 
     assert after[added] == images
     some = sorted(images)[0]
     a_dir = next(ns for ns, cached in before.items() if cached == images)
-    a_vec, b_vec = (np.load(cache / ns / some[:2] / f"{some}.npy") for ns in (a_dir, added))
+    a_vec, b_vec = (FeatureCache(cache, ns).lookup([some])[some] for ns in (a_dir, added))
     assert not np.allclose(a_vec, b_vec)  # B's features really are different ones
 
     again = run_baseline(changed, tmp_path / "b-other-again").candidate
