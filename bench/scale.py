@@ -43,7 +43,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baseline import ARCH, backbone_weights, fashion_snapshot, run_stage, settings_for
+from baseline import ARCH, backbone_weights, fashion_snapshot, settings_for
+from baseline_stage import run_stage
 from evidence import provenance, write_results
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     threads = configure_threads()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    full = fashion_snapshot(args.workdir, args.images)
+    full, _tree = fashion_snapshot(args.workdir, args.images)
     backbone = backbone_weights(args.workdir, args.backbone_file, args.random_init)
     settings = {px: settings_for(args.workdir, backbone, input_size=px) for px in grid}
     weights = {px: resolve_weights(settings[px].backbone, args.workdir / "weights") for px in grid}
