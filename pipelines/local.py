@@ -13,13 +13,14 @@ import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from adaptflow.pipelines.kfp_local_compat import kfp_local_fixes
 from adaptflow.pipelines.local_process import stage_processes
 
 from adaptflow.config import Settings
 from adaptflow.contracts import CompareResult
+from adaptflow.data.ingest import check_source
 from adaptflow.errors import AdaptflowError, Interrupted
 from adaptflow.recovery import decide_interrupted_versions, sweep_stale_runs
 from adaptflow.steps import ERROR_FILE_ENV, SUMMARY_FILE
@@ -71,9 +72,49 @@ def _builtin_print_kept() -> Iterator[None]:
         builtins.print = original
 
 
+class _RunLogWriter:
+    """stdout during a run: kfp.local's own lines into the run log without colour codes (and, with
+    ``-v``, onto stderr as well)."""
+
+    def __init__(self, log_file: TextIO, echo: bool) -> None:
+        self.log_file, self.echo = log_file, echo
+
+    def write(self, text: str) -> int:
+        from adaptflow.run_output import strip_ansi
+
+        self.log_file.write(strip_ansi(text))
+        if self.echo:
+            sys.stderr.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.log_file.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def _run_log(path: Path) -> Iterator[TextIO]:
+    """The run's log file, and this process's own log records in it, for the block."""
+    from adaptflow.logs import log_to_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8", buffering=1) as log_file:
+        handler = log_to_file(path)
+        try:
+            yield log_file
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
 @contextlib.contextmanager
 def kfp_local_run(
-    pipeline_root: Path, error_file: Path | None = None, checkpoint_root: Path | None = None
+    pipeline_root: Path,
+    error_file: Path | None = None,
+    checkpoint_root: Path | None = None,
+    log_path: Path | None = None,
 ) -> Iterator[None]:
     """kfp.local set up for adaptflow for the block; nothing it changes in this process outlives it.
 
@@ -84,22 +125,30 @@ def kfp_local_run(
     only transient failures retried, nothing left behind), stdout sent to stderr (kfp.local prints task logs on stdout; stdout
     stays for the summary, ``--json``), and kfp.local's expected warnings hidden. After: kfp.local's
     previous configuration, kfp's own functions, os.environ, warnings.filters, sys.stdout and
-    builtins.print are as they were.
+    builtins.print are as they were. With ``log_path``, kfp.local's output and the stages' go to that
+    file instead, and the terminal gets adaptflow's own lines (:mod:`adaptflow.run_output`).
     """
     from kfp import local
     from kfp.local import config as local_config
 
+    from adaptflow.logs import is_verbose
+    from adaptflow.run_output import say
     from adaptflow.training.checkpoint import CHECKPOINT_ROOT_ENV  # here: that module imports torch
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(_builtin_print_kept())
-        stack.enter_context(contextlib.redirect_stdout(sys.stderr))
+        log_file = stack.enter_context(_run_log(log_path)) if log_path is not None else None
+        if log_file is not None:
+            say(f"run log: {log_path}")
+            stack.enter_context(contextlib.redirect_stdout(_RunLogWriter(log_file, is_verbose())))  # type: ignore[type-var]
+        else:
+            stack.enter_context(contextlib.redirect_stdout(sys.stderr))
         stack.enter_context(_kfp_local_noise_hidden())
         if error_file is not None:
             stack.enter_context(_env_var(ERROR_FILE_ENV, str(error_file)))
         if checkpoint_root is not None:
             stack.enter_context(_env_var(CHECKPOINT_ROOT_ENV, str(checkpoint_root)))
-        stack.enter_context(stage_processes())
+        stack.enter_context(stage_processes(log_file, is_verbose()))
         stack.enter_context(kfp_local_fixes())
         stack.callback(
             setattr, local_config.LocalExecutionConfig, "instance", local_config.LocalExecutionConfig.instance
@@ -163,7 +212,9 @@ def _run_dag(
     FAILED on an error and KILLED on an interrupt; FINISHED on success only when ``finish``."""
     with (
         run_lifecycle(ctx.tracking_uri, ctx.parent_run_id, finish=finish),
-        kfp_local_run(workdir / "kfp-local", error_file, workdir / "checkpoints"),
+        kfp_local_run(
+            workdir / "kfp-local", error_file, workdir / "checkpoints", error_file.parent / "run.log"
+        ),
     ):
         try:
             task = pipeline(parent_run_id=ctx.parent_run_id, **arguments)
@@ -180,6 +231,7 @@ def run_local(settings: Settings, data_uri: str, force: bool = False) -> dict[st
 
     from adaptflow.tracking import lineage_tags
 
+    check_source(data_uri)  # a wrong --data stops here, before any run exists
     workdir, error_file, attempt = _attempt(settings)
     ctx = start_pipeline_run(settings, f"adaptflow {attempt}", {"adaptflow.data_uri": data_uri})
     # an earlier run killed outright (SIGKILL) left runs RUNNING and maybe a version undecided
@@ -220,6 +272,7 @@ def run_compare_local(
 
     from adaptflow.compare import copy_compare_output
 
+    check_source(data_uri)
     workdir, error_file, _ = _attempt(settings)
     tags = {"adaptflow.stage": "compare", "adaptflow.data_uri": data_uri}
     ctx = start_pipeline_run(settings, "compare", {**tags, "adaptflow.strategies": ",".join(strategies)})

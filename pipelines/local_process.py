@@ -10,6 +10,9 @@ own way instead (``subprocess_task_handler.run_local_subprocess``, the one funct
 - SIGTERM or SIGINT to this process is forwarded as SIGTERM to the running stage's process group;
   the stage checkpoints and exits; after ``STOP_GRACE_SECONDS`` the group is killed. Then :class:`Interrupted` is raised.
 - When a stage exits, whatever it left in its group is killed.
+- With a run log, the stage's output goes there; the terminal gets one line when the stage starts
+  and one when it ends, with its time, and what :class:`adaptflow.run_output.StageOutput` passes on
+  (progress bars, the stage's console lines, warnings and errors).
 - The stage's environment bounds OpenMP's spinning (:func:`adaptflow.cpus.openmp_env`), unless the
   user set their own ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``.
 - A stage's exit status says whether a retry can help (:data:`adaptflow.errors.RETRYABLE_EXITS`):
@@ -20,15 +23,19 @@ own way instead (``subprocess_task_handler.run_local_subprocess``, the one funct
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, TextIO
 
 from adaptflow.cpus import openmp_env
 from adaptflow.errors import RETRYABLE_EXITS, AdaptflowError, Interrupted
+from adaptflow.progress import PROGRESS_EVENTS_ENV
+from adaptflow.run_output import StageOutput, say
 from adaptflow.signals import stop_with_parent
 
 #: how long a stage gets to checkpoint after SIGTERM before its process group is killed
@@ -48,7 +55,8 @@ class StageFailed(AdaptflowError):
 class _Stages:
     """The running stage processes and whether a stop was asked for."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_file: TextIO | None = None, verbose: bool = True) -> None:
+        self.log_file, self.verbose = log_file, verbose
         self.lock = threading.Lock()
         self.live: dict[int, subprocess.Popen[str]] = {}
         self.stopped_by: int | None = None
@@ -92,7 +100,16 @@ def stage_env(environ: Mapping[str, str], env_vars: dict[str, str] | None = None
     env.update(openmp_env(env))
     # unbuffered: the stage's log reaches the terminal as it is written, not when the stage ends
     env["PYTHONUNBUFFERED"] = "1"
+    env[PROGRESS_EVENTS_ENV] = "1"  # this process draws the stage's bars (adaptflow.run_output)
     return env
+
+
+def stage_name(full_command: list[str]) -> str:
+    """The component's function (kfp passes ``--function_to_execute NAME``), else "stage"."""
+    for flag, value in itertools.pairwise(full_command):
+        if flag == "--function_to_execute":
+            return value
+    return "stage"
 
 
 def _run_stage(stages: _Stages, full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
@@ -112,17 +129,33 @@ def _run_stage(stages: _Stages, full_command: list[str], env_vars: dict[str, str
             preexec_fn=stop_with_parent,
         )
         stages.live[process.pid] = process
+    stage = stage_name(full_command)
+    output = StageOutput(stage, stages.log_file, stages.verbose) if stages.log_file is not None else None
+    if output is not None:
+        say(f"{stage} started")
+    started = time.perf_counter()
     try:
         with process:
             if process.stdout:
                 for line in iter(process.stdout.readline, ""):
-                    print(line, end="")
-                print("\n")
+                    if output is not None:
+                        output.feed(line)
+                    else:
+                        print(line, end="")
+                if output is None:
+                    print("\n")
             returncode = process.wait()
     finally:
+        if output is not None:
+            output.close()
         with stages.lock:
             stages.live.pop(process.pid, None)
         _kill_group(process.pid)  # DataLoader workers or anything else the stage left behind
+    if output is not None:
+        seconds = time.perf_counter() - started
+        say(
+            f"{stage} done in {seconds:.1f} s" if returncode == 0 else f"{stage} failed after {seconds:.1f} s"
+        )
     if stages.stopped_by is not None:
         raise stages.interrupted()
     if returncode != 0 and returncode not in RETRYABLE_EXITS:
@@ -131,11 +164,12 @@ def _run_stage(stages: _Stages, full_command: list[str], env_vars: dict[str, str
 
 
 @contextlib.contextmanager
-def stage_processes() -> Iterator[None]:
-    """Within the block, kfp.local runs stages as described above; SIGTERM/SIGINT stop the run."""
+def stage_processes(log_file: TextIO | None = None, verbose: bool = True) -> Iterator[None]:
+    """Within the block, kfp.local runs stages as described above; SIGTERM/SIGINT stop the run.
+    ``log_file``: where the stages' output goes (else this process's stdout, every line)."""
     from kfp.local import subprocess_task_handler
 
-    stages = _Stages()
+    stages = _Stages(log_file, verbose)
 
     def run_local_subprocess(full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
         return _run_stage(stages, full_command, env_vars)

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.exceptions import TyperException
 
 from adaptflow import __version__, render
 from adaptflow.cli_cluster import schedule_app, submit
 from adaptflow.cli_shared import (
+    OUTPUT,
     ConfigOpt,
     DataOpt,
     ForceOpt,
@@ -29,10 +31,11 @@ from adaptflow.cli_shared import (
     fail,
     load,
     print_view,
+    usage_error,
 )
 from adaptflow.cpus import use_openmp_defaults
 from adaptflow.demo import TARGET_TREES
-from adaptflow.logs import setup_logging
+from adaptflow.logs import LEVELS, setup_logging
 
 if TYPE_CHECKING:
     from adaptflow.config import Settings
@@ -57,14 +60,32 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _check_level(value: str) -> str:
+    if value.upper() not in LEVELS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(LEVELS)}")
+    return value.upper()
+
+
 @app.callback()
 def main_callback(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="show the version")
     ] = False,
-    log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING")] = "INFO",
+    log_level: Annotated[
+        str,
+        typer.Option(
+            "--log-level",
+            callback=_check_level,
+            help=f"{', '.join(LEVELS)}: the lowest level logged (to a run's log file; on the terminal with -v)",
+        ),
+    ] = "INFO",
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="every log line on the terminal, the stages' too")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="show the traceback of an error")] = False,
 ) -> None:
-    setup_logging(log_level.upper())
+    OUTPUT["debug"] = debug
+    setup_logging(log_level.upper(), verbose=verbose or debug)
 
 
 def _tracking_uri(config: Path | None, overrides: list[str]) -> tuple[Settings, str]:
@@ -354,7 +375,14 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     use_openmp_defaults()  # before any command imports torch: libgomp reads them once, at load
     try:
-        app()
+        # not standalone: click's own usage errors come here too, to be printed like every other error
+        status = app(standalone_mode=False)
+        if isinstance(status, int) and status:
+            sys.exit(status)
+    except typer.Abort:
+        sys.exit(130)
+    except TyperException as error:  # typer's click: a usage error (unknown option, bad value)
+        fail(usage_error(error))
     except Exception as error:
         fail(error)  # one error: line and hint: (and --json's error object), or the traceback of a bug
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 import sys
 from collections.abc import Callable
@@ -21,11 +20,12 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML con
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="override: section.key=value (repeatable)")
 ]
-_OUTPUT = {"json": False}  # this command's --json, for fail(): a failure prints its error object too
+#: this command's --json (a failure prints its error object too) and --debug (and its traceback)
+OUTPUT = {"json": False, "debug": False}
 
 
 def _remember_json(value: bool) -> bool:
-    _OUTPUT["json"] = bool(value)  # click calls this on every parse, with the default when absent
+    OUTPUT["json"] = bool(value)  # click calls this on every parse, with the default when absent
     return value
 
 
@@ -89,6 +89,16 @@ def failed_stage(error: BaseException) -> str | None:
     return found.group(1) if found else None
 
 
+def usage_error(error: Exception) -> Exception:
+    """click's usage errors (an unknown option, a bad choice) as a ConfigError: exit 2, with a hint."""
+    from adaptflow.errors import ConfigError
+
+    context = getattr(error, "ctx", None)
+    command = context.command_path if context is not None else "adaptflow"
+    format_message = getattr(error, "format_message", None)
+    return ConfigError(format_message() if format_message else str(error), hint=f"see `{command} --help`")
+
+
 def fail(error: Exception) -> NoReturn:
     """Ends a failed command: one ``error:`` line and its ``hint:`` on stderr, and with ``--json`` an error
     object on stdout (``{"status": "failed", "stage", "error", "hint"}``), with the usual exit status.
@@ -99,12 +109,15 @@ def fail(error: Exception) -> NoReturn:
 
     known = error if isinstance(error, AdaptflowError) else store_error_from(error)
     message, hint = describe_error(known or error)
-    if _OUTPUT["json"]:
+    if OUTPUT["debug"]:
+        import traceback
+
+        traceback.print_exception(error, file=sys.stderr)
+    if OUTPUT["json"]:
         record = {"status": "failed", "stage": failed_stage(error), "error": message, "hint": hint}
         typer.echo(json.dumps(record, indent=2))
     if known is None and hint is None:
         raise error
-    logging.getLogger("adaptflow").error("%s", message)
     typer.echo(f"error: {message}", err=True)
     if hint:
         typer.echo(f"hint: {hint}", err=True)

@@ -45,6 +45,7 @@ from adaptflow.contracts import (
 )
 from adaptflow.data.images import ImageStore
 from adaptflow.errors import ConfigError
+from adaptflow.logs import console
 from adaptflow.stage_logs import log_compare_file, log_compare_result
 from adaptflow.tracking import TrackingContext
 from adaptflow.training.schedule import planned_epochs
@@ -235,7 +236,7 @@ def copy_compare_output(source: Path, out: Path) -> CompareResult:
     moved = {key: str(out / "report" / Path(page).name) for key, page in pages.items() if page is not None}
     result = result.model_copy(update=moved)
     result.save(out)
-    log.info("compare: result and report in %s", out)
+    console().info("compare: result and report in %s", out)
     return result
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaptflow.data.demo import TARGET_TREES
+from adaptflow.logs import console
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,13 @@ def prepare_demo(workdir: Path, size: int = 32, pretrain_epochs: int = 8) -> Dem
     data = workdir / "demo" / "data"
     marker = data / ".complete"
     if not marker.exists() or marker.read_text().strip() != DEMO_DATA_VERSION:
-        log.info("demo: writing digits demo data to %s", data)
+        console().info("demo: writing digits demo data to %s", data)
         write_demo_data(data, size=size)
         marker.write_text(DEMO_DATA_VERSION + "\n")
     weights = workdir / "demo" / "backbone" / DEMO_WEIGHTS
     sidecar = weights.with_name(weights.name + ".json")
     if not (weights.exists() and sidecar.exists()):
-        log.info("demo: pretraining resnet18 on the source task (digits 0-4)")
+        console().info("demo: pretraining resnet18 on the source task (digits 0-4)")
         pretrain(data / "source", "resnet18", weights, input_size=size, epochs=pretrain_epochs)
     sha = json.loads(sidecar.read_text())["sha256"]
     return DemoAssets(data, weights, sha)

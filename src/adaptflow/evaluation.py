@@ -19,6 +19,7 @@ import numpy as np
 from adaptflow.config import EvaluateConfig
 from adaptflow.contracts import Candidate, ChampionRef, Evaluation, ManifestEntry, ModelScore, Snapshot
 from adaptflow.data.images import ImageStore, eval_transform
+from adaptflow.logs import console
 from adaptflow.onnx_model import OnnxClassifier, load_onnx_classifier
 from adaptflow.promotion import ChampionRescore
 from adaptflow.references import predict_references
@@ -341,7 +342,7 @@ def evaluate(
             *s.accuracy_ci95,
             s.macro_f1,
         )
-    log.info("evaluate: winner %s: %s", winner, reason)
+    console().info("evaluate: winner %s: %s", winner, reason)
     evaluation = Evaluation(
         scores=tuple(scores),
         winner=winner,

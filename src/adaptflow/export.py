@@ -18,6 +18,7 @@ import torch
 from adaptflow.config import ExportConfig
 from adaptflow.contracts import ExportResult
 from adaptflow.errors import ExportError
+from adaptflow.logs import console
 from adaptflow.onnx_model import (
     META_BACKBONE,
     META_CANDIDATE,
@@ -98,7 +99,7 @@ def export_onnx(candidate_dir: str | Path, cfg: ExportConfig, out_dir: str | Pat
         size_bytes=onnx_path.stat().st_size,
     )
     result.save(out)
-    log.info(
+    console().info(
         "export: parity max |ort - torch| = %.2e at batch sizes %s (tolerance %.0e); p50 %.2f ms",
         worst,
         list(parity),

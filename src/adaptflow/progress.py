@@ -20,14 +20,22 @@ Rates there are the average since the bar opened. At the end it logs one summary
 seconds, img/s): at INFO off a terminal when it logged progress lines, so a long run's last line
 is not a stale ETA; otherwise at DEBUG, as short work is already summed up by its caller's log.
 
+In a stage process of a local run (``ADAPTFLOW_PROGRESS_EVENTS=1``, set by the runner) it writes
+events instead, one JSON line on stdout at most every ``EVENT_INTERVAL`` seconds, prefixed with
+``EVENT_PREFIX``; the runner, which reads the stage's output, draws the bars on its own terminal
+(adaptflow.run_output).
+
 ``advance`` takes plain ints, so it never syncs a device; it costs an add and a clock read (off a
 terminal) or rich's own counter update (a lock, a clock read, a deque append) on one.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -43,6 +51,31 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 log = logging.getLogger("adaptflow.progress")
 Clock = Callable[[], float]
+#: "1" in a stage process whose runner draws its bars: progress is written to stdout as events
+PROGRESS_EVENTS_ENV = "ADAPTFLOW_PROGRESS_EVENTS"
+EVENT_PREFIX = "adaptflow-progress "
+EVENT_INTERVAL = 0.5
+_event_ids = itertools.count()
+
+
+class ProgressEvents:
+    """One bar's events, for the runner to draw (see the module docstring)."""
+
+    def __init__(self, description: str, total: int | None, clock: Clock) -> None:
+        self.id = f"{os.getpid()}-{next(_event_ids)}"
+        self.description, self.total, self._clock = description, total, clock
+        self._next = 0.0
+
+    def send(self, kind: str, done: int) -> None:
+        record = {"id": self.id, "event": kind, "description": self.description, "total": self.total}
+        sys.stdout.write(f"{EVENT_PREFIX}{json.dumps(record | {'done': done})}\n")
+        sys.stdout.flush()
+
+    def update(self, done: int) -> None:
+        now = self._clock()
+        if now >= self._next:
+            self._next = now + EVENT_INTERVAL
+            self.send("update", done)
 
 
 def images_in(loader: object) -> int | None:
@@ -139,7 +172,7 @@ def _route_log_handlers(console: Console) -> list[tuple[logging.StreamHandler, I
     return routed
 
 
-def _on_terminal(console: Console | None) -> bool:
+def on_terminal(console: Console | None) -> bool:
     """A bar opened inside a live one joins it, so nesting never switches a row to log lines."""
     if _live is not None:
         return True
@@ -152,7 +185,7 @@ def _restore(live: _Live) -> None:
 
 
 @contextmanager
-def _bar(
+def rich_bar(
     description: str, total: int | None, unit: str, rate_unit: str, console: Console | None, clock: Clock
 ) -> Iterator[tuple[Progress, TaskID]]:
     global _live
@@ -203,8 +236,10 @@ class ImageProgress:
         clock: Clock,
         interval: float,
         bar: tuple[Progress, TaskID] | None = None,
+        events: ProgressEvents | None = None,
     ) -> None:
         self.description = description
+        self.events = events
         self.total = total_images
         self.done = 0
         self.lines = 0  # progress lines logged (off a terminal)
@@ -217,14 +252,23 @@ class ImageProgress:
     def advance(self, images: int) -> None:
         """Counts a batch of ``images`` (a plain int: ``len(y)``, never a tensor)."""
         self.done += images
+        if self.events is not None:
+            self.events.update(self.done)
+            return
         if self._bar is not None:
             self._bar[0].advance(self._bar[1], images)
             return
         now = self._clock()
-        if now >= self._next_line:
-            self._next_line = now + self._interval
+        if self.line_due(now):
             self.lines += 1
             log.info("%s", self.line(now))
+
+    def line_due(self, now: float) -> bool:
+        """Whether the off-terminal line is due at ``now`` (then the next one is an interval away)."""
+        if now < self._next_line:
+            return False
+        self._next_line = now + self._interval
+        return True
 
     def line(self, now: float) -> str:
         """The off-terminal progress line at clock time ``now``."""
@@ -257,14 +301,24 @@ def image_progress(
     ``time.monotonic``, looked up per call so tests can patch it.
     """
     clock = clock or time.monotonic
-    terminal = _on_terminal(console)
+    if os.environ.get(PROGRESS_EVENTS_ENV) == "1" and console is None:
+        events = ProgressEvents(description, total_images, clock)
+        progress = ImageProgress(description, total_images, clock=clock, interval=interval, events=events)
+        events.send("open", 0)
+        try:
+            yield progress
+        finally:
+            events.send("close", progress.done)
+        log.info("%s", progress.summary(clock()))  # for the run's log file
+        return
+    terminal = on_terminal(console)
     if not terminal:
         progress = ImageProgress(description, total_images, clock=clock, interval=interval)
         yield progress
         level = logging.INFO if progress.lines else logging.DEBUG
         log.log(level, "%s", progress.summary(clock()))
         return
-    with _bar(description, total_images, "images", "img", console, clock) as bar:
+    with rich_bar(description, total_images, "images", "img", console, clock) as bar:
         progress = ImageProgress(description, total_images, clock=clock, interval=interval, bar=bar)
         yield progress
     log.debug("%s", progress.summary(clock()))
@@ -279,9 +333,9 @@ def track(
     console: Console | None = None,
 ) -> Iterator[T]:
     """Yields ``items``, with a bar on a terminal (on stderr) or a log line every ``interval`` s."""
-    terminal = _on_terminal(console)
+    terminal = on_terminal(console)
     if terminal:
-        with _bar(description, total, "items", "items", console, time.monotonic) as (progress, task):
+        with rich_bar(description, total, "items", "items", console, time.monotonic) as (progress, task):
             for item in items:
                 yield item
                 progress.advance(task, 1)

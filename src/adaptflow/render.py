@@ -41,8 +41,11 @@ def _test_metrics(m: dict[str, Any]) -> str:
 
 
 def summary_table(s: dict[str, Any]) -> Table:
-    """The summary of a completed ``adaptflow run`` (the dict ``run --json`` prints)."""
-    table = Table(title="adaptflow run", show_header=False)
+    """The summary of a completed ``adaptflow run`` (the dict ``run --json`` prints): a borderless
+    grid, so it stays short in a terminal and in a CI log. The advisor's reasoning is printed while
+    the run goes (and is in ``--json``)."""
+    table = Table.grid(padding=(0, 2))
+    table.title = "adaptflow run"
     table.add_column(style="bold")
     table.add_column()
     d = s["dataset"]
@@ -62,7 +65,6 @@ def summary_table(s: dict[str, Any]) -> Table:
         r = s["reference"]
         floor = "  ".join(f"{name.removeprefix('reference-')} {acc:.4f}" for name, acc in r["scores"].items())
         table.add_row("references (pixels)", f"test accuracy {floor}")
-    table.add_row("advisor", s["advisor"]["reason"])
     table.add_row("winner", f"{s['winner']}: {s['winner_reason']}")
     table.add_row(
         "champion before",
@@ -86,8 +88,11 @@ def summary_table(s: dict[str, Any]) -> Table:
 
 def unchanged_text(s: dict[str, Any]) -> Text:
     """A run that skipped training: nothing changed since the champion (or challenger) was made."""
+    reason = str(s["reason"]).removeprefix("unchanged: ")
+    model = s["mlflow"].get("model_name")
+    champion = f"models:/{model}/{s['champion_before']}" if model else f"v{s['champion_before']}"
     return markup_line(
-        f"[yellow]unchanged[/]: {s['reason']}\nchampion: v{s['champion_before']}  run {s['mlflow']['run_id']}"
+        f"[yellow]unchanged[/]: {reason}\nchampion: {champion}  this run: {s['mlflow']['run_id']}"
     )
 
 

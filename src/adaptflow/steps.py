@@ -24,7 +24,7 @@ from adaptflow.config import Settings
 from adaptflow.contracts import BaselineResult, Candidate, Evaluation, ExportResult, Snapshot
 from adaptflow.cpus import configure_threads
 from adaptflow.errors import EXIT_FAILED, Interrupted, describe_error, exit_status
-from adaptflow.logs import setup_logging
+from adaptflow.logs import console, setup_logging
 from adaptflow.signals import stop_with_parent
 from adaptflow.tracking import (
     TrackingContext,
@@ -105,7 +105,7 @@ def _settings(config_json: str, *, uses_torch: bool) -> Settings:
     that ``uses_torch`` gets torch's threads sized to the pod's CPUs; the others never import torch
     (about 1.5 s per stage process).
     """
-    setup_logging()
+    setup_logging(exclusive=_in_component_process())
     if config_json.lstrip().startswith("{"):
         settings = Settings.from_json(config_json)
     else:
@@ -187,7 +187,7 @@ def ingest_step(
         model = settings.registry.model_name
         changed, reason = change_verdict(ctx.tracking_uri, model, snapshot.fingerprint, config_hash, force)
         log_ingest(ctx, snapshot, data_uri, out, changed, reason)
-    log.info("ingest: %s", reason)
+    console().info("ingest: %s", reason)
     return IngestOutputs(snapshot.fingerprint, ctx.parent_run_id, config_hash, changed, reason)
 
 
@@ -267,7 +267,7 @@ def finetune_step(
 @reports_errors("keep_baseline")
 def keep_baseline_step(baseline_dir: str, out_dir: str) -> None:
     """The Else branch: the baseline candidate is passed on unchanged."""
-    setup_logging()
+    setup_logging(exclusive=_in_component_process())
     shutil.copytree(Path(baseline_dir) / "candidate", out_dir, dirs_exist_ok=True)
     log.info("finetune skipped: passing the baseline candidate on")
 
@@ -378,7 +378,7 @@ def register_step(
         summary = build_summary(snapshot, baseline, selected, evaluation, export, registration, ctx)
         log_outcome_summary(ctx, summary, "completed", Path(out_dir), SUMMARY_FILE)
     outcome = "promoted to champion" if registration.promoted else "not promoted"
-    log.info("register: %s v%s %s", registration.model_name, registration.version, outcome)
+    console().info("register: %s v%s %s", registration.model_name, registration.version, outcome)
     return RegisterOutputs(registration.version, registration.promoted)
 
 

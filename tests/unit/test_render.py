@@ -142,7 +142,8 @@ def test_summary_of_a_baseline_run_that_was_not_promoted() -> None:
 
 def test_unchanged_says_why_and_names_the_champion() -> None:
     text = text_of(render.unchanged_text(UNCHANGED))
-    assert text == f"unchanged: {UNCHANGED['reason']}\nchampion: v2  run run-def\n"
+    reason = UNCHANGED["reason"].removeprefix("unchanged: ")  # said once, not "unchanged: unchanged: ..."
+    assert text == f"unchanged: {reason}\nchampion: v2  this run: run-def\n"
 
 
 def test_run_view_picks_the_summary_or_the_unchanged_line() -> None:

@@ -23,6 +23,7 @@ from adaptflow.contracts import SPLITS, ManifestEntry, QuarantineEntry, Snapshot
 from adaptflow.data.checks import allowed_roots, confine_local, fetch, is_utf8, manifest_target, printable
 from adaptflow.data.images import ImageDecodeError, decode_image, resize_limit
 from adaptflow.errors import DataError, StoreError
+from adaptflow.logs import console
 from adaptflow.progress import track
 from adaptflow.storage import is_s3, iter_s3_objects, local_path, sha256_bytes
 
@@ -43,7 +44,7 @@ def _has_extension(name: str, extensions: tuple[str, ...]) -> bool:
     return name.lower().endswith(tuple(e.lower() for e in extensions))
 
 
-def _scan_local_imagefolder(root: Path, cfg: IngestConfig) -> tuple[list[SourceItem], list[str]]:
+def _class_folders(root: Path) -> list[str]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(
@@ -56,6 +57,11 @@ def _scan_local_imagefolder(root: Path, cfg: IngestConfig) -> tuple[list[SourceI
             f"class folder names are not valid UTF-8: {', '.join(bad_names)}",
             hint="rename those folders; the folder name is the class name",
         )
+    return classes
+
+
+def _scan_local_imagefolder(root: Path, cfg: IngestConfig) -> tuple[list[SourceItem], list[str]]:
+    classes = _class_folders(root)
     roots = allowed_roots(root, cfg)
     items: list[SourceItem] = []
     for name in classes:
@@ -137,6 +143,26 @@ def _scan_manifest(path: Path, cfg: IngestConfig) -> tuple[list[SourceItem], lis
     return items, classes
 
 
+def _missing_source(source_uri: str) -> DataError:
+    return DataError(
+        f"data source {source_uri} does not exist or is not a folder or a .csv/.jsonl manifest",
+        hint="pass --data with an ImageFolder directory, s3://bucket/prefix, or a manifest file",
+    )
+
+
+def check_source(source_uri: str) -> None:
+    """Before a run starts anything: a local ``--data`` exists and is a manifest file or a folder
+    with class folders. (An S3 source is listed by ingest; reaching it costs a request.)"""
+    if is_s3(source_uri) or source_uri.startswith(("http://", "https://")):
+        return
+    path = local_path(source_uri)
+    if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
+        return
+    if not path.is_dir():
+        raise _missing_source(source_uri)
+    _class_folders(path)
+
+
 def scan_source(source_uri: str, cfg: IngestConfig) -> tuple[list[SourceItem], list[str]]:
     """Lists (uri, label) for every candidate image, and the class names."""
     if is_s3(source_uri):
@@ -148,10 +174,7 @@ def scan_source(source_uri: str, cfg: IngestConfig) -> tuple[list[SourceItem], l
         return _scan_manifest(path, cfg)
     if path.is_dir():
         return _scan_local_imagefolder(path, cfg)
-    raise DataError(
-        f"data source {source_uri} does not exist or is not a folder or a .csv/.jsonl manifest",
-        hint="pass --data with an ImageFolder directory, s3://bucket/prefix, or a manifest file",
-    )
+    raise _missing_source(source_uri)
 
 
 def assign_split(sha256: str, cfg: IngestConfig) -> Split:
@@ -295,7 +318,7 @@ def ingest(source_uri: str, cfg: IngestConfig, resize_size: int | None = None) -
         counts={s: sum(class_counts[s].values()) for s in SPLITS},
         class_counts=class_counts,
     )
-    log.info(
+    console().info(
         "ingest: %d images (%s), %d quarantined, fingerprint %s",
         len(entries),
         ", ".join(f"{k}={v}" for k, v in snapshot.counts.items()),

@@ -17,6 +17,7 @@ import torch
 from adaptflow.config import BackboneSpec, BaselineConfig, FinetuneConfig, Settings
 from adaptflow.contracts import BaselineResult, Candidate, Snapshot
 from adaptflow.data.images import ImageStore
+from adaptflow.logs import console
 from adaptflow.models.factory import Classifier, build_model, count_parameters
 from adaptflow.models.weights import ResolvedWeights, resolve_weights
 from adaptflow.training.advisor import SignalValue, advise, choose_strategy
@@ -208,7 +209,7 @@ def run_baseline(
         "budget_seconds": cfg.advisor.budget_seconds,
     }
     decision = advise(signals, cfg.advisor, inputs.finetune)
-    log.info("advisor: %s", decision.reason)
+    console().info("advisor: %s", decision.reason)
 
     trainable, total = count_parameters(head)[0], count_parameters(model)[1]
     candidate = Candidate(

@@ -12,6 +12,7 @@ import torch
 from adaptflow.config import FinetuneConfig
 from adaptflow.contracts import BaselineResult, Candidate, Snapshot
 from adaptflow.data.images import ImageStore
+from adaptflow.logs import console
 from adaptflow.models.factory import count_parameters
 from adaptflow.signals import StopRequest
 from adaptflow.training.batches import eval_batches, eval_loader, finetune_train_loader, train_batches
@@ -131,7 +132,7 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
     save_candidate(candidate, model.cpu(), out_dir)
     if inputs.checkpointer is not None:
         inputs.checkpointer.remove()  # the candidate is saved: a rerun of this work starts afresh
-    log.info(
+    console().info(
         "finetune-%s: best val acc %.4f at epoch %d (baseline %.4f), %d trainable params, %.0fs",
         cfg.strategy,
         candidate.metrics["val_accuracy"],

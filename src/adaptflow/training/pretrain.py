@@ -21,6 +21,7 @@ from adaptflow.contracts import Preprocessing
 from adaptflow.cpus import configure_threads
 from adaptflow.data.images import ImageStore
 from adaptflow.data.ingest import ingest
+from adaptflow.logs import console
 from adaptflow.models.factory import build_torchvision
 from adaptflow.models.weights import save_weights_file
 from adaptflow.training.batches import decoded_loader, eval_batches, eval_loader, train_batches
@@ -115,7 +116,7 @@ def pretrain(
     }
     out.with_name(out.name + ".json").write_text(json.dumps(sidecar, indent=2))
     seconds = time.perf_counter() - start
-    log.info(
+    console().info(
         "pretrain: %s val acc %.4f test acc %.4f sha256 %s (%.0fs)",
         out,
         result.best_val_accuracy,
