@@ -27,6 +27,7 @@ from adaptflow.cli_shared import (
     JsonOpt,
     ModelNameOpt,
     SetOpt,
+    component_image,
     emit,
     fail,
     load,
@@ -35,6 +36,7 @@ from adaptflow.cli_shared import (
 )
 from adaptflow.cpus import use_openmp_defaults
 from adaptflow.demo import TARGET_TREES
+from adaptflow.errors import PredictionsFailed
 from adaptflow.logs import LEVELS, setup_logging
 
 if TYPE_CHECKING:
@@ -45,8 +47,9 @@ app = typer.Typer(
     help="Adapt pretrained vision backbones to your images: transfer learning first, fine-tuning when it pays.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: flags without "<bool>", metavars as written
 )
-config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(config_app, name="config")
 app.add_typer(schedule_app, name="schedule")
 log = logging.getLogger("adaptflow.cli")
@@ -217,7 +220,8 @@ def compile_cmd(
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     image: Annotated[
-        str | None, typer.Option(help="component image (default: cluster.image or the release image)")
+        str | None,
+        typer.Option(metavar="IMAGE", help="component image (default: cluster.image; one is required)"),
     ] = None,
     fingerprint: Annotated[
         str | None,
@@ -232,6 +236,7 @@ def compile_cmd(
     from adaptflow.pipelines.compare import compile_compare_pipeline
 
     settings = load(config, overrides or [])
+    image = component_image(settings, image)
     if compare:
         path = compile_compare_pipeline(settings, output, image)
     else:
@@ -249,11 +254,15 @@ def config_show(config: ConfigOpt = None, overrides: SetOpt = None, as_json: Jso
 
 
 @app.command()
-def backbones() -> None:
+def backbones(as_json: JsonOpt = False) -> None:
     """List the backbones the model factory knows."""
     from adaptflow.models import list_backbones
 
-    typer.echo("\n".join(list_backbones()))
+    names = list(list_backbones())
+    if as_json:
+        typer.echo(json.dumps(names))
+    else:
+        typer.echo("\n".join(names))
 
 
 @app.command()
@@ -274,9 +283,16 @@ def history(
 def rollback(
     model: ModelNameOpt = None,
     to: Annotated[
-        str | None, typer.Option("--to", help="version to make champion (default: the previous one)")
+        str | None,
+        typer.Option("--to", metavar="VERSION", help="version to make champion (default: the previous one)"),
     ] = None,
-    reason: Annotated[str, typer.Option(help="why, for the audit trail")] = "",
+    reason: Annotated[str, typer.Option(metavar="TEXT", help="why, for the audit trail")] = "",
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="roll back to a version the gate rejected, or with another backbone or classes"
+        ),
+    ] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
@@ -286,9 +302,9 @@ def rollback(
 
     settings, uri, name = _registry(model, config, overrides)
     record = rollback_champion(
-        uri, settings.tracking.experiment, settings.workdir, settings.registry, name, to, reason
+        uri, settings.tracking.experiment, settings.workdir, settings.registry, name, to, reason, force
     )
-    emit(record.__dict__, as_json)
+    emit(record.__dict__, as_json, lambda row: render.history_table([row], name))
 
 
 def _emit_predictions(rows: list[dict[str, Any]], fmt: str, model: str) -> None:
@@ -300,13 +316,25 @@ def _emit_predictions(rows: list[dict[str, Any]], fmt: str, model: str) -> None:
         print_view(render.predictions_table(rows, model))
 
 
+PREDICT_FORMATS = ("table", "json", "csv")
+
+
+def _check_format(value: str) -> str:
+    if value not in PREDICT_FORMATS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(PREDICT_FORMATS)}")
+    return value
+
+
 @app.command()
 def predict(
-    paths: Annotated[list[str], typer.Argument(help="image files or folders")],
+    paths: Annotated[list[str], typer.Argument(metavar="PATH...", help="image files or folders")],
     model: Annotated[
-        str, typer.Option(help="models:/NAME@champion, models:/NAME/VERSION or a .onnx file")
+        str, typer.Option(metavar="URI", help="models:/NAME@champion, models:/NAME/VERSION or a .onnx file")
     ] = "",
-    output_format: Annotated[str, typer.Option("--format", help="table, json or csv")] = "table",
+    output_format: Annotated[
+        str,
+        typer.Option("--format", metavar="table|json|csv", callback=_check_format, help="output format"),
+    ] = "table",
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
@@ -321,6 +349,9 @@ def predict(
     classifier = load_model(model or f"models:/{settings.registry.model_name}@champion", uri)
     rows = [p.__dict__ for p in predict_files(classifier, expand_paths(paths))]
     _emit_predictions(rows, "json" if as_json else output_format, model)
+    failed = [r for r in rows if r["error"]]
+    if failed:
+        raise PredictionsFailed(failed, len(rows))
 
 
 app.command()(submit)  # defined with the other cluster commands in cli_cluster

@@ -21,6 +21,7 @@ from adaptflow.cli_shared import (
     NamespaceOpt,
     SetOpt,
     TokenOpt,
+    component_image,
     emit,
     load,
 )
@@ -28,7 +29,9 @@ from adaptflow.cli_shared import (
 if TYPE_CHECKING:
     from adaptflow.config import Settings
 
-schedule_app = typer.Typer(help="Recurring runs on a Kubeflow Pipelines cluster.", no_args_is_help=True)
+schedule_app = typer.Typer(
+    help="Recurring runs on a Kubeflow Pipelines cluster.", no_args_is_help=True, rich_markup_mode=None
+)
 
 
 def _cluster_parameters(data: str, settings: Settings, force: bool, version: str) -> dict[str, Any]:
@@ -58,8 +61,9 @@ def submit(
     from adaptflow.pipelines import PIPELINE_NAME, compile_pipeline
 
     settings = load(config, overrides or [])
+    image = component_image(settings, None)
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(settings, Path(tmp) / "adaptflow.yaml")
+        package = compile_pipeline(settings, Path(tmp) / "adaptflow.yaml", image)
         version = version_name or default_version_name(package)
         result = kfp_submit(
             host,

@@ -16,9 +16,10 @@ if TYPE_CHECKING:
 
     from adaptflow.config import Settings
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", metavar="FILE", help="YAML config file")]
 SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", "-s", help="override: section.key=value (repeatable)")
+    list[str] | None,
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="override: section.key=value (repeatable)"),
 ]
 #: this command's --json (a failure prints its error object too) and --debug (and its traceback)
 OUTPUT = {"json": False, "debug": False}
@@ -36,19 +37,31 @@ ForceOpt = Annotated[
     bool, typer.Option("--force", help="retrain even if data and config equal the champion's")
 ]
 ModelNameOpt = Annotated[
-    str | None, typer.Option(help="registered model name (default: registry.model_name)")
+    str | None, typer.Option(metavar="NAME", help="registered model name (default: registry.model_name)")
 ]
-DataOpt = Annotated[str, typer.Option(help="ImageFolder dir, s3://bucket/prefix, or a .csv/.jsonl manifest")]
-ClusterDataOpt = Annotated[str, typer.Option(help="data URI the cluster can read, e.g. s3://bucket/prefix")]
+DataOpt = Annotated[
+    str,
+    typer.Option(metavar="PATH|URI", help="ImageFolder dir, s3://bucket/prefix, or a .csv/.jsonl manifest"),
+]
+ClusterDataOpt = Annotated[
+    str, typer.Option(metavar="URI", help="data URI the cluster can read, e.g. s3://bucket/prefix")
+]
 HostOpt = Annotated[
-    str, typer.Option("--host", help="KFP API endpoint, e.g. http://localhost:8080 (port-forward)")
+    str,
+    typer.Option("--host", metavar="URL", help="KFP API endpoint, e.g. http://localhost:8080 (port-forward)"),
 ]
 TokenOpt = Annotated[
     str | None,
-    typer.Option("--token", help="bearer token (default: $KFP_TOKEN, the KFP SA token file, or kube config)"),
+    typer.Option(
+        "--token",
+        metavar="TOKEN",
+        help="bearer token (default: $KFP_TOKEN, the KFP SA token file, or kube config)",
+    ),
 ]
-NamespaceOpt = Annotated[str | None, typer.Option("--namespace", help="KFP multi-user namespace")]
-ExperimentOpt = Annotated[str, typer.Option("--experiment", help="KFP experiment")]
+NamespaceOpt = Annotated[
+    str | None, typer.Option("--namespace", metavar="NAME", help="KFP multi-user namespace")
+]
+ExperimentOpt = Annotated[str, typer.Option("--experiment", metavar="NAME", help="KFP experiment")]
 
 
 def print_view(renderable: RenderableType) -> None:
@@ -73,6 +86,20 @@ def load(config: Path | None, overrides: list[str], *, absolute_workdir: bool = 
     if absolute_workdir:  # stages may run from another directory (kfp.local)
         settings = settings.model_copy(update={"workdir": str(Path(settings.workdir).resolve())})
     return settings
+
+
+def component_image(settings: Settings, image: str | None) -> str:
+    """The image a cluster's components run: ``--image``, else ``cluster.image``; never a guess."""
+    from adaptflow.errors import ConfigError
+
+    chosen = image or settings.cluster.image
+    if not chosen:
+        raise ConfigError(
+            "no component image: cluster.image is not set and --image was not given",
+            hint="build and push the image (`make image`), then set cluster.image=REGISTRY/adaptflow:TAG "
+            "or pass --image",
+        )
+    return chosen
 
 
 _STAGE_FAILED = re.compile(r"stage (\w+) failed: ")

@@ -227,13 +227,21 @@ def assemble(
 
 
 def copy_compare_output(source: Path, out: Path) -> CompareResult:
-    """The report task's output folder copied to ``out``, its result pointing at the copied report."""
+    """The report task's output copied into ``out`` itself: the report (HTML, Markdown, plots/)
+    beside the result file, so ``--out DIR`` holds ``DIR/<report>.html``, not ``DIR/report/...``."""
     import shutil
 
-    shutil.copytree(source, out, dirs_exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name == "report" and item.is_dir():
+            shutil.copytree(item, out, dirs_exist_ok=True)
+        elif item.is_dir():
+            shutil.copytree(item, out / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, out / item.name)
     result = CompareResult.load(out)
     pages = {"report_html": result.report_html, "report_markdown": result.report_markdown}
-    moved = {key: str(out / "report" / Path(page).name) for key, page in pages.items() if page is not None}
+    moved = {key: str(out / Path(page).name) for key, page in pages.items() if page is not None}
     result = result.model_copy(update=moved)
     result.save(out)
     console().info("compare: result and report in %s", out)

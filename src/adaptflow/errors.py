@@ -59,6 +59,20 @@ class LeaseError(AdaptflowError):
     """The promotion lease could not be taken in time."""
 
 
+class PredictionsFailed(AdaptflowError):
+    """``adaptflow predict``: some files were not classified (the others' predictions were printed)."""
+
+    exit_code = 1
+
+    def __init__(self, failed: list[dict[str, Any]], total: int) -> None:
+        first = "; ".join(f"{r['path']}: {r['error']}" for r in failed[:3])
+        more = f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""
+        super().__init__(
+            f"{len(failed)} of {total} files could not be classified: {first}{more}",
+            hint="the other files' predictions are above; fix or remove the files named",
+        )
+
+
 class Interrupted(AdaptflowError):
     """SIGTERM or Ctrl-C: the work stopped (training checkpointed first); running it again resumes."""
 

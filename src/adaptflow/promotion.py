@@ -23,7 +23,7 @@ from typing import Any
 
 from adaptflow.config import GateConfig, RegistryConfig
 from adaptflow.contracts import ChampionRef, Evaluation, ExportResult, GateDecision, ModelScore
-from adaptflow.errors import StoreError
+from adaptflow.errors import ConfigError, StoreError
 from adaptflow.lease import LEASE_TAG, Lease, lease_for
 from adaptflow.registry import CHAMPION, GATE_DECISION_TAG, GATE_REASONS_TAG, _client, get_champion
 
@@ -243,10 +243,40 @@ def promote_under_lease(
         return decision, now, now
 
 
+def rollback_differences(client: Any, model_name: str, current: str, target: str) -> list[str]:
+    """Why moving ``champion`` from ``current`` to ``target`` needs ``--force``: the gate rejected the
+    target, or it has another backbone or other classes than the current champion."""
+    now = client.get_model_version(model_name, current).tags or {}
+    then = client.get_model_version(model_name, target).tags or {}
+    found = []
+    if then.get(GATE_DECISION_TAG) != "promoted":
+        reasons = then.get(GATE_REASONS_TAG) or "no gate decision recorded"
+        found.append(
+            f"the gate did not promote v{target} ({then.get(GATE_DECISION_TAG, 'undecided')}: {reasons})"
+        )
+    for tag, what in (("adaptflow.backbone", "backbone"), ("adaptflow.backbone_sha256", "backbone weights")):
+        if now.get(tag) != then.get(tag):
+            found.append(f"{what}: v{target} has {then.get(tag)}, v{current} has {now.get(tag)}")
+    if now.get("adaptflow.class_names") != then.get("adaptflow.class_names"):
+        found.append(
+            f"classes: v{target} has {then.get('adaptflow.class_names')}, "
+            f"v{current} has {now.get('adaptflow.class_names')}"
+        )
+    return found
+
+
 def rollback(
-    tracking_uri: str, model_name: str, lease: Lease, to_version: str | None, run_id: str, reason: str = ""
+    tracking_uri: str,
+    model_name: str,
+    lease: Lease,
+    to_version: str | None,
+    run_id: str,
+    reason: str = "",
+    force: bool = False,
 ) -> AuditRecord:
-    """Moves ``champion`` back one step along the audit trail (or to ``to_version``), under the lease."""
+    """Moves ``champion`` back one step along the audit trail (or to ``to_version``), under the lease.
+    A target the gate rejected, or with another backbone or classes, needs ``force``; the
+    differences then go into the audit record's reason."""
     client = _client(tracking_uri)
     with lease:
         current = get_champion(tracking_uri, model_name)
@@ -276,13 +306,22 @@ def rollback(
                 f"{model_name} has no version {to_version}",
                 hint=f"its versions are {', '.join(map(str, known))}; `adaptflow history` lists its champions",
             ) from None
+        differences = rollback_differences(client, model_name, current.version, to_version)
+        if differences and not force:
+            raise ConfigError(
+                f"rolling {model_name} back to v{to_version} needs --force: " + "; ".join(differences),
+                hint="check that serving can take that model, then run the same command with --force",
+            )
+        for difference in differences:
+            log.warning("rollback to v%s: %s", to_version, difference)
         client.set_registered_model_alias(model_name, CHAMPION, to_version)
+        said = reason or f"rollback from v{current.version}"
         record = AuditRecord(
             action="rollback",
             model_name=model_name,
             new_champion=to_version,
             previous_champion=current.version,
-            reason=reason or f"rollback from v{current.version}",
+            reason=said + (f" (forced: {'; '.join(differences)})" if differences else ""),
             metrics={},
             run_ids={"rollback": run_id},
             holder=lease.holder,
@@ -302,6 +341,7 @@ def rollback_champion(
     model_name: str,
     to_version: str | None = None,
     reason: str = "",
+    force: bool = False,
 ) -> AuditRecord:
     """``adaptflow rollback``: :func:`rollback` under the model's lease, recorded as its own MLflow run.
 
@@ -318,4 +358,4 @@ def rollback_champion(
     with run_lifecycle(tracking_uri, run_id):
         artifacts = client.get_experiment(experiment_id).artifact_location
         lease = lease_for(model_name, registry_cfg, workdir, tracking_uri, artifacts)
-        return rollback(tracking_uri, model_name, lease, to_version, run_id, reason)
+        return rollback(tracking_uri, model_name, lease, to_version, run_id, reason, force)

@@ -104,17 +104,18 @@ def run_view(s: dict[str, Any]) -> RenderableType:
 def history_table(rows: Sequence[dict[str, Any]], model_name: str) -> Table:
     """The champion audit trail (``registry.read_audit``), oldest first."""
     table = Table(title=f"champion history of {model_name}")
-    for col in ("time", "action", "from", "to", "accuracy", "reason"):
-        table.add_column(col)
+    for col in ("time (UTC)", "action", "from", "to", "accuracy", "by", "reason"):
+        table.add_column(col, overflow="fold")
     for r in rows:
         acc = r.get("metrics", {}).get("accuracy")
         table.add_row(
             time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["time"])),
             r["action"],
-            str(r.get("previous_champion") or "-"),
-            str(r["new_champion"]),
+            f"v{r['previous_champion']}" if r.get("previous_champion") else "-",
+            f"v{r['new_champion']}",
             f"{acc:.4f}" if acc is not None else "",
-            r["reason"][:120],
+            str(r.get("user") or ""),
+            r["reason"],  # whole: the gate's reasons are the point of the audit trail
         )
     return table
 

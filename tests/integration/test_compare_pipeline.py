@@ -72,7 +72,7 @@ def test_adaptflow_compare_runs_the_dag_locally_and_copies_its_report_to_out(
     assert scratch.trainable_params == scratch.total_params and scratch.p_value_vs_baseline is not None
     assert result.outcome("linear_probe").trainable_params == result.outcome("baseline").trainable_params
     assert CompareResult.load(tmp_path / "out") == result
-    assert result.report_html == str(tmp_path / "out" / "report" / "report.html")
+    assert result.report_html == str(tmp_path / "out" / "report.html")  # --out is where the report lands
     assert Path(result.report_html).read_text().count('<img src="data:image/png;base64,') >= 3
     client = MlflowClient(result.tracking_uri)
     parent = client.get_run(result.run_id)

@@ -190,6 +190,19 @@ def test_predict_and_history_commands(three_runs) -> None:  # type: ignore[no-un
         check=False,
     )
     assert missing.returncode == 2 and "no-such-model" in missing.stderr
+    # a broken file among good ones: the good ones are classified, the run fails naming the file
+    mixed = work / "mixed"
+    mixed.mkdir(exist_ok=True)
+    shutil.copy(next((data / "7").glob("*.png")), mixed / "good.png")
+    (mixed / "broken.png").write_bytes(b"not an image")
+    partial = adaptflow("predict", str(mixed), "--format", "csv", *sets(state), cwd=work, check=False)
+    assert partial.returncode == 1, partial.stderr
+    assert "good.png" in partial.stdout and "broken.png" in partial.stdout
+    errors = [line for line in partial.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "broken.png: not an image format PIL can read" in errors[0], partial.stderr
+    assert "BytesIO" not in partial.stdout + partial.stderr
+    wrong = adaptflow("predict", str(mixed), "--format", "yaml", *sets(state), cwd=work, check=False)
+    assert wrong.returncode == 2 and "error: Invalid value for '--format': 'yaml'" in wrong.stderr
 
 
 def test_else_branch_keeps_the_baseline(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -108,3 +108,33 @@ def test_rollback_with_no_earlier_champion_and_to_an_unknown_version(registry_wi
         unknown, "m has no version 42", "its versions are 1; `adaptflow history` lists its champions"
     )
     assert get_champion(client.tracking_uri, "m").version == "1"  # type: ignore[union-attr]
+
+
+def test_rollback_to_a_rejected_version_of_other_classes_needs_force(tmp_path: Path) -> None:
+    import json
+
+    uri = embedded_tracking_uri(tmp_path)
+    client = MlflowClient(uri)
+    experiment = ensure_experiment(uri, "adaptflow", tmp_path)
+    client.create_registered_model("m")
+    old, _ = register_lookup_version(client, "m", experiment, 0.7, classes=("cat", "dog"))
+    new, _ = register_lookup_version(client, "m", experiment, 0.8)
+    for version, classes, verdict in ((old, ["cat", "dog"], "rejected"), (new, ["even", "odd"], "promoted")):
+        client.set_model_version_tag("m", version, "adaptflow.class_names", json.dumps(classes))
+        client.set_model_version_tag("m", version, "adaptflow.gate.decision", verdict)
+        client.set_model_version_tag("m", version, "adaptflow.gate.reasons", f"{verdict} by the test")
+    client.set_registered_model_alias("m", CHAMPION, new)
+
+    refused = _rollback(tmp_path, "--to", old)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "needs --force" in errors[0], refused.stderr
+    assert f"the gate did not promote v{old} (rejected: rejected by the test)" in errors[0]
+    assert f'classes: v{old} has ["cat", "dog"], v{new} has ["even", "odd"]' in errors[0]
+    assert get_champion(uri, "m").version == new  # type: ignore[union-attr]
+
+    forced = _rollback(tmp_path, "--to", old, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert get_champion(uri, "m").version == old  # type: ignore[union-attr]
+    assert "time (UTC)" in forced.stdout and f"v{old}" in forced.stdout  # a table, not JSON
+    assert "WARNING" in forced.stderr and "classes:" in forced.stderr

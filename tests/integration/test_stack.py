@@ -141,12 +141,15 @@ def test_pipeline_predict_rollback_against_the_stack(
 
     admin = ["--set", "registry.model_name=stack-digits", "--set", f"workdir={tmp_path / 'admin'}"]
     shared = ["--set", f"registry.lease_uri=s3://{lease_bucket}/promotion"]
-    record = json.loads(
-        cli(
-            stack_env, tmp_path, "rollback", "--to", "2", "--reason", "canary", *admin, *shared, "--json"
-        ).stdout
-    )
+    to_rejected = ["rollback", "--to", "2", "--reason", "canary", *admin, *shared]
+    refused = cli(stack_env, tmp_path, *to_rejected, check=False)  # the gate rejected v2
+    assert refused.returncode == 2 and "needs --force" in refused.stderr, refused.stderr
+    assert "the gate did not promote v2 (rejected:" in refused.stderr
+    forced = cli(stack_env, tmp_path, *to_rejected, "--force", "--json")
+    record = json.loads(forced.stdout)
     assert record["new_champion"] == "2" and record["previous_champion"] == "1"
+    assert "forced: the gate did not promote v2" in record["reason"]
+    assert "WARNING" in forced.stderr and "the gate did not promote v2" in forced.stderr
     assert record["lease"] == lease_uri
     # Without registry.lease_uri the lease is a file lock on this machine, and the command says so.
     local = cli(stack_env, tmp_path, "rollback", *admin, "--json")  # one step back

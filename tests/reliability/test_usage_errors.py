@@ -34,6 +34,7 @@ def _one_error(result: subprocess.CompletedProcess[str], words: str) -> None:
         (["--log-level", "foo", "backbones"], "'foo' is not one of DEBUG, INFO, WARNING, ERROR"),
         (["run", "--data", "x", "--bogus"], "No such option: --bogus"),
         (["demo", "--dataset", "nope"], "--dataset must be one of"),
+        (["compile", "-o", "dag.yaml"], "no component image"),  # never a made-up image
     ],
 )
 def test_usage_mistakes(args: list[str], words: str, tmp_path: Path) -> None:

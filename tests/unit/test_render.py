@@ -151,15 +151,17 @@ def test_run_view_picks_the_summary_or_the_unchanged_line() -> None:
     assert text_of(render.run_view(UNCHANGED)) == text_of(render.unchanged_text(UNCHANGED))
 
 
-def test_history_lists_actions_versions_and_utc_times() -> None:
-    lines = rows_of(text_of(render.history_table(HISTORY, "digits")))
+def test_history_lists_actions_versions_and_labelled_utc_times_with_whole_reasons() -> None:
+    text = text_of(render.history_table(HISTORY, "digits"), width=400)
+    lines = rows_of(text)
     assert lines[0] == "champion history of digits"
-    assert lines[1] == "time action from to accuracy reason"
-    assert lines[2] == "1970-01-01 00:00:00 promote - 1 0.9123 no champion yet"
-    reason = ("bad labels in v2 " + "x" * 200)[:120]
+    assert lines[1] == "time (UTC) action from to accuracy by reason"
+    assert lines[2] == "1970-01-01 00:00:00 promote - v1 0.9123 no champion yet"
     rollback = next(line for line in lines if "rollback" in line)
-    assert rollback.startswith("1970-01-02 01:01:01 rollback 2 1 bad labels in v2 x")
-    assert rollback.endswith(reason) and "x" * 104 not in rollback  # cut at 120 characters
+    assert rollback.startswith("1970-01-02 01:01:01 rollback v2 v1 bad labels in v2 x")
+    assert rollback.endswith("x" * 200)  # the whole reason, not cut mid-phrase
+    narrow = text_of(render.history_table(HISTORY, "digits"), width=100)
+    assert narrow.count("x") >= 200  # a narrow terminal folds the reason onto more lines
 
 
 def test_predictions_show_labels_confidence_and_errors() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from adaptflow.contracts import ManifestEntry, Preprocessing
 from adaptflow.errors import DataError
@@ -148,6 +148,8 @@ def decode_image(
     except ImageDecodeError:
         raise
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad data
+        if isinstance(error, UnidentifiedImageError):  # its message names an in-memory buffer, not the file
+            raise ImageDecodeError("not an image format PIL can read") from None
         raise ImageDecodeError(f"cannot decode image: {type(error).__name__}: {error}") from None
 
 
