@@ -24,7 +24,7 @@ from adaptflow.data.ingest import check_source
 from adaptflow.errors import AdaptflowError, Interrupted
 from adaptflow.recovery import decide_interrupted_versions, sweep_stale_runs
 from adaptflow.steps import ERROR_FILE_ENV, SUMMARY_FILE
-from adaptflow.tracking import TrackingContext, run_lifecycle, start_pipeline_run
+from adaptflow.tracking import TrackingContext, name_run, run_lifecycle, start_pipeline_run
 
 log = logging.getLogger(__name__)
 
@@ -233,23 +233,32 @@ def run_local(settings: Settings, data_uri: str, force: bool = False) -> dict[st
 
     check_source(data_uri)  # a wrong --data stops here, before any run exists
     workdir, error_file, attempt = _attempt(settings)
-    ctx = start_pipeline_run(settings, f"adaptflow {attempt}", {"adaptflow.data_uri": data_uri})
+    ctx = start_pipeline_run(
+        settings,
+        f"{settings.registry.model_name}: running",  # named by its outcome when it ends
+        {"adaptflow.data_uri": data_uri, "adaptflow.attempt": attempt},
+    )
     # an earlier run killed outright (SIGKILL) left runs RUNNING and maybe a version undecided
     sweep_stale_runs(ctx.tracking_uri, ctx.experiment_id)
     decide_interrupted_versions(ctx.tracking_uri, settings.registry.model_name)
     started = time.perf_counter()
-    # A successful run is ended by the register stage.
-    output = _run_dag(
-        build_pipeline(settings),
-        ctx,
-        workdir,
-        error_file,
-        finish=False,
-        data_uri=data_uri,
-        config_json=str(write_run_config(settings, workdir)),  # a file: off the command line
-        force=force,
-        pipeline_version="local",
-    )
+    # A successful run is ended (and named by its outcome) by the register or report stage.
+    try:
+        output = _run_dag(
+            build_pipeline(settings),
+            ctx,
+            workdir,
+            error_file,
+            finish=False,
+            data_uri=data_uri,
+            config_json=str(write_run_config(settings, workdir)),  # a file: off the command line
+            force=force,
+            pipeline_version="local",
+        )
+    except AdaptflowError as error:
+        outcome = "stopped" if isinstance(error, Interrupted) else "failed"
+        name_run(ctx, f"{settings.registry.model_name}: {outcome}")
+        raise
     summary: dict[str, Any] = json.loads((output / SUMMARY_FILE).read_text())
     lineage = lineage_tags(ctx.tracking_uri, ctx.parent_run_id)
     summary["kfp"] = {

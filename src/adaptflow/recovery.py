@@ -81,6 +81,10 @@ def sweep_stale_runs(tracking_uri: str, experiment_id: str) -> list[str]:
     for run in running:
         if _owner_alive(run.data.tags) is False:
             client.set_terminated(run.info.run_id, status="KILLED")
+            if (run.info.run_name or "").endswith(": running"):  # named by its outcome, as ended runs are
+                client.set_tag(
+                    run.info.run_id, "mlflow.runName", run.info.run_name.removesuffix("running") + "killed"
+                )
             killed = kill_running_children(tracking_uri, run.info.run_id)
             log.warning(
                 "marked run %s KILLED (its process is gone), and %d stage run(s)",

@@ -7,6 +7,7 @@ never import MLflow, so they can be tested without a tracking store.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,40 @@ def log_pipeline_config(ctx: TrackingContext, settings: Settings, tags: dict[str
     client.log_batch(ctx.parent_run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()][:100])
 
 
+def log_dataset_input(ctx: TrackingContext, snapshot: Snapshot, data_uri: str) -> None:
+    """The snapshot as an MLflow dataset input of the pipeline run and the ingest run: digest = the
+    fingerprint (its first 36 hex digits, MLflow's limit), source = the data URI, profile = the counts."""
+    import mlflow
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(
+        name=Path(data_uri.rstrip("/")).name or "snapshot",
+        digest=snapshot.fingerprint[:36],
+        source_type="s3" if data_uri.startswith("s3://") else "local",
+        source=json.dumps({"uri": data_uri}),
+        profile=json.dumps(
+            {
+                "fingerprint": snapshot.fingerprint,
+                "counts": snapshot.counts,
+                "classes": len(snapshot.class_names),
+                "quarantined": len(snapshot.quarantined),
+            }
+        ),
+    )
+    entry = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
+    client = mlflow.MlflowClient(ctx.tracking_uri)
+    client.log_inputs(ctx.parent_run_id, datasets=entry)
+    active = mlflow.active_run()
+    if active is not None:
+        client.log_inputs(active.info.run_id, datasets=entry)
+
+
 def log_ingest(
     ctx: TrackingContext, snapshot: Snapshot, data_uri: str, out: Path, changed: bool, reason: str
 ) -> None:
     import mlflow
+
+    log_dataset_input(ctx, snapshot, data_uri)
 
     mlflow.log_params({"source_uri": data_uri, "classes": ",".join(snapshot.class_names)[:6000]})
     mlflow.log_metrics(
@@ -179,15 +210,55 @@ def log_registration(registration: Registration) -> None:
     )
 
 
+def parent_metrics(summary: dict[str, Any], wall_seconds: float) -> dict[str, float]:
+    """The pipeline run's metrics, under the same keys in every run, so the experiment's runs chart
+    across each other: the winner's ``test_accuracy`` and ``macro_f1``, then each contender's."""
+    metrics: dict[str, float] = {"wall_seconds": wall_seconds}
+    baseline = summary.get("baseline", {}).get("metrics") or {}
+    finetune = (summary.get("finetune") or {}).get("metrics") or {}
+    winner = finetune if summary.get("winner") not in (None, "baseline") and finetune else baseline
+    for key, value in (
+        ("test_accuracy", winner.get("accuracy")),
+        ("macro_f1", winner.get("macro_f1")),
+        ("baseline_test_accuracy", baseline.get("accuracy")),
+        ("finetune_test_accuracy", finetune.get("accuracy")),
+        ("champion_test_accuracy", summary.get("champion_before_accuracy")),
+        ("reference_test_accuracy", (summary.get("reference") or {}).get("accuracy")),
+    ):
+        if value is not None:
+            metrics[key] = float(value)
+    return metrics
+
+
+def run_title(model: str, summary: dict[str, Any], status: str) -> str:
+    """The pipeline run's name in the MLflow UI: ``<model>: <outcome>``."""
+    if status == "unchanged":
+        return f"{model}: unchanged"
+    version = summary.get("registered_version")
+    return (
+        f"{model}: promoted v{version}" if summary.get("promoted") else f"{model}: not promoted (v{version})"
+    )
+
+
 def log_outcome_summary(
     ctx: TrackingContext, summary: dict[str, Any], status: str, out: Path, name: str
 ) -> None:
-    """The run's summary file, on the parent run and (inside a stage run) as an artifact; the status tag."""
+    """The run's summary file, on the parent run and (inside a stage run) as an artifact; the status
+    tag, the run's name (``<model>: <outcome>``) and its metrics (:func:`parent_metrics`)."""
     import mlflow
 
     out.mkdir(parents=True, exist_ok=True)
     (out / name).write_text(json.dumps(summary, indent=2))
-    mlflow.MlflowClient(ctx.tracking_uri).set_tag(ctx.parent_run_id, "adaptflow.status", status)
+    client = mlflow.MlflowClient(ctx.tracking_uri)
+    client.set_tag(ctx.parent_run_id, "adaptflow.status", status)
+    model = summary.get("mlflow", {}).get("model_name") or "adaptflow"
+    client.set_tag(ctx.parent_run_id, "mlflow.runName", run_title(model, summary, status))
+    started = client.get_run(ctx.parent_run_id).info.start_time or 0
+    metrics = parent_metrics(summary, max(0.0, time.time() - started / 1000))
+    client.log_batch(
+        ctx.parent_run_id,
+        metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()],
+    )
     if mlflow.active_run() is not None:
         mlflow.log_dict(summary, name)
 

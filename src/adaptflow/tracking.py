@@ -136,6 +136,11 @@ def store_errors(uri: str) -> Iterator[None]:
         raise translated from error
 
 
+#: the experiment's kind: MLflow's UI opens a model-training experiment on its runs, not GenAI traces
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def ensure_experiment(tracking_uri: str, name: str, workdir: str | Path) -> str:
     """The experiment id; for embedded stores, artifacts go under the workdir, not ./mlruns."""
     from mlflow.tracking import MlflowClient
@@ -143,12 +148,18 @@ def ensure_experiment(tracking_uri: str, name: str, workdir: str | Path) -> str:
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return str(experiment.experiment_id)
     location = None
     if tracking_uri.startswith("sqlite:"):
         location = (Path(workdir).resolve() / "mlartifacts").as_uri()
     try:
-        return str(client.create_experiment(name, artifact_location=location))
+        return str(
+            client.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
+        )
     except Exception:  # another process created it first
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -244,6 +255,16 @@ def stage_run(ctx: TrackingContext, stage: str, tags: dict[str, str] | None = No
         except Interrupted:
             mlflow.end_run("KILLED")  # stopped by a signal, not failed: a rerun resumes it
             raise
+
+
+def name_run(ctx: TrackingContext, name: str) -> None:
+    """Renames the pipeline run (best effort: the store may be what failed)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(ctx.tracking_uri).set_tag(ctx.parent_run_id, "mlflow.runName", name)
+    except Exception as error:  # the run's name is not worth a second error
+        log.warning("could not name run %s: %s", ctx.parent_run_id, error)
 
 
 def finish_pipeline_run(ctx: TrackingContext, status: str = "FINISHED") -> None:

@@ -93,9 +93,10 @@ def test_second_run_on_same_data_does_not_promote_and_says_why(three_runs) -> No
 def test_registry_seen_by_a_separate_client(three_runs) -> None:  # type: ignore[no-untyped-def]
     from mlflow.tracking import MlflowClient
 
-    _, _, _, (first, second, _) = three_runs
+    _, _, _, (first, second, third) = three_runs
     client = MlflowClient(first["mlflow"]["tracking_uri"])
     name = first["mlflow"]["model_name"]
+    assert client.get_run(third["mlflow"]["run_id"]).info.run_name == f"{name}: unchanged"
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
     v1, v2 = client.get_model_version(name, "1"), client.get_model_version(name, "2")
@@ -125,6 +126,23 @@ def test_registry_seen_by_a_separate_client(three_runs) -> None:  # type: ignore
     # one parent run per pipeline run, one nested run per stage
     parent = client.get_run(first["mlflow"]["run_id"])
     assert parent.info.status == "FINISHED"
+    # readable in MLflow's own UI: a training experiment, runs named by outcome, stable metric keys
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.info.run_name == f"{name}: promoted v1"
+    assert client.get_run(second["mlflow"]["run_id"]).info.run_name == f"{name}: not promoted (v2)"
+    winner = first["baseline"] if first["winner"] == "baseline" else first["finetune"]
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(winner["metrics"]["accuracy"])
+    assert parent.data.metrics["baseline_test_accuracy"] == pytest.approx(
+        first["baseline"]["metrics"]["accuracy"]
+    )
+    assert {"macro_f1", "wall_seconds", "reference_test_accuracy"} <= set(parent.data.metrics)
+    second_metrics = client.get_run(second["mlflow"]["run_id"]).data.metrics
+    assert second_metrics["champion_test_accuracy"] > 0  # the champion it was compared against
+    (dataset,) = [d.dataset for d in parent.inputs.dataset_inputs]
+    assert dataset.digest == first["dataset"]["fingerprint"][:36]
+    assert json.loads(dataset.source)["uri"] == first["dataset"]["source"]
+    assert json.loads(dataset.profile)["counts"] == first["dataset"]["counts"]
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
