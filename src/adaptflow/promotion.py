@@ -5,7 +5,8 @@
    the champion's fresh score on this run's test split, and optionally McNemar significance.
 3. ``champion`` moves only under a lease; inside it the champion is re-read and, if it changed
    since evaluation, the new champion is re-scored on the same test split and the gate re-run.
-4. Every alias move appends an audit record (model-version tag + a cumulative JSONL artifact).
+4. Every alias move appends an audit record to a cumulative JSONL artifact (the model version's
+   description links to it; its ``adaptflow.audit.last`` tag says promote or rollback).
    A rejected version stays registered, tagged with why. ``rollback`` walks the trail back.
 """
 
@@ -153,11 +154,9 @@ def append_audit(tracking_uri: str, record: AuditRecord, run_id: str) -> None:
         path = Path(tmp) / Path(AUDIT_FILE).name
         path.write_text("\n".join(lines) + "\n")
         client.log_artifact(run_id, str(path), artifact_path=str(Path(AUDIT_FILE).parent))
-    stamp = (
-        time.strftime("%Y%m%dT%H%M%S", time.gmtime(record.time)) + f".{int(record.time * 1000) % 1000:03d}Z"
-    )
+    # the record itself is the artifact above (the version's description links to it), not a JSON tag
     client.set_model_version_tag(
-        record.model_name, record.new_champion, f"adaptflow.audit.{stamp}", record.to_json()[:4900]
+        record.model_name, record.new_champion, "adaptflow.audit.last", record.action
     )
     client.set_registered_model_tag(record.model_name, AUDIT_POINTER_TAG, run_id)
 

@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 
 from adaptflow.config import Settings
-from adaptflow.contracts import Candidate, ChampionRef, Evaluation, ExportResult, Registration, Snapshot
+from adaptflow.contracts import (
+    Candidate,
+    ChampionRef,
+    Evaluation,
+    ExportResult,
+    GateDecision,
+    Registration,
+    Snapshot,
+)
 from adaptflow.lease import lease_for
 from adaptflow.promotion import ChampionRescore, PromotionInputs, promote_under_lease
 from adaptflow.registry import CHALLENGER
@@ -97,6 +105,34 @@ def publish_model(pub: Publication) -> str:
     return version
 
 
+def describe_version(pub: Publication, version: str, decision: GateDecision) -> None:
+    """The version's description: its model card (adaptflow.model_card)."""
+    import mlflow
+
+    from adaptflow.model_card import model_card
+    from adaptflow.promotion import AUDIT_FILE
+
+    tags = version_tags(pub)
+    lineage = {
+        "pipeline run": pub.ctx.parent_run_id,
+        "register run": pub.register_run_id,
+        "git commit": tags["adaptflow.git_commit"],
+        **{k.removeprefix("adaptflow."): v for k, v in tags.items() if k.startswith("adaptflow.kfp.")},
+    }
+    card = model_card(
+        version=version,
+        winner=pub.winner,
+        snapshot=pub.snapshot,
+        evaluation=pub.evaluation,
+        export=pub.export,
+        decision=decision,
+        lineage=lineage,
+        audit_uri=f"runs:/{pub.register_run_id}/{AUDIT_FILE}" if decision.promote else None,
+    )
+    client = mlflow.MlflowClient(pub.ctx.tracking_uri)
+    client.update_model_version(pub.settings.registry.model_name, version, description=card)
+
+
 def register_winner(pub: Publication) -> Registration:
     """Registers the winner (``challenger`` moves), then runs the gate and moves ``champion`` if it passes.
 
@@ -120,6 +156,7 @@ def register_winner(pub: Publication) -> Registration:
     gate = settings.gate
     inputs = PromotionInputs(ctx.tracking_uri, name, version, score, evaluation, pub.export, gate, run_ids)
     decision, before, after = promote_under_lease(inputs, lease, rescore)
+    describe_version(pub, version, decision)
     return Registration(
         model_name=name,
         version=version,
