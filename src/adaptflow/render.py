@@ -154,19 +154,28 @@ def schedules_table(rows: Sequence[dict[str, Any]]) -> Table:
 
 
 def compare_view(result: CompareResult) -> Group:
-    """``adaptflow compare``: the strategy table, then the best, the advisor, the report and the run."""
-    from adaptflow.report import table_rows
+    """``adaptflow compare``: the strategy table, then the best, the advisor, the report and the run.
 
-    rows = table_rows(result)
+    The best is :func:`adaptflow.report_decision.decide`'s: a difference the test split cannot
+    resolve is a tie with the baseline, and the cheaper of tied strategies is preferred.
+    """
+    from rich.markup import escape
+
+    from adaptflow.report import table_rows
+    from adaptflow.report_decision import advisor_headline, decide
+
+    chosen = decide(result)
+    rows = table_rows(result, chosen)
     table = Table(title=f"transfer learning vs fine-tuning: {result.data_uri}")
     for col in rows[0]:
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for row in rows[1:]:
         table.add_row(*row)
+    tied = f" (tied with {', '.join(chosen.tied_with)})" if chosen.tied_with else ""
     return Group(
         table,
-        markup_line(f"[bold]best[/]: {result.best}: {result.best_reason}"),
-        markup_line(f"[bold]advisor[/]: {result.decision.reason}"),
+        markup_line(f"[bold]best[/]: {escape(f'{chosen.best}{tied}: {chosen.reason}')}"),
+        markup_line(f"[bold]advisor[/]: {escape(advisor_headline(result, chosen))}"),
         markup_line(f"[bold]report[/]: {result.report_html}\n        {result.report_markdown}"),
         markup_line(f"[bold]mlflow[/]: {result.tracking_uri}  run {result.run_id}"),
     )

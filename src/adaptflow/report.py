@@ -15,14 +15,30 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adaptflow.contracts import CompareResult, StrategyOutcome
+from adaptflow.plots import ConfusionLayout, confusion_layout, draw_confusion
+from adaptflow.report_decision import (
+    TIE_RULE,
+    Decision,
+    advisor_headline,
+    decide,
+    gap_note,
+    parameter_notes,
+)
 
 SHIFT_METHOD = (
-    "Domain shift is the mean, over the backbone's feature dimensions, of |target feature mean - "
-    "source feature mean| / (source feature std + 0.001), measured on the frozen features of the "
-    "target's training images against the source statistics saved with the pretrained weights. "
-    "0 means the target looks like the source to the backbone; values near or above 1 mean the "
-    "average feature moved by about a source standard deviation, so frozen features fit worse and "
-    "fine-tuning deeper layers pays more."
+    "Domain shift is read from the frozen backbone's own BatchNorm layers (adaptflow.training.shift). "
+    "Each pretrained BatchNorm layer stores the per-channel mean and variance of its inputs over the "
+    "source images it was trained on (running_mean, running_var). The baseline stage feeds an even "
+    "sample of the target's training images (baseline.advisor.shift_sample_images, 256 by default) "
+    "through the frozen backbone in eval mode and measures the same per-channel mean and variance at "
+    "every BatchNorm input. The signal is the Gaussian KL divergence KL(target || source) = "
+    "0.5 * (var_t / var_s + (mean_t - mean_s)^2 / var_s - 1 - log(var_t / var_s)) per channel, "
+    "averaged over the channels of a layer, then over the BatchNorm layers. 0 means the target looks "
+    "like the source to every layer; larger values mean a larger shift in the input statistics (not "
+    "in the classes: the transfer_gap signal covers that). It needs no source images; a backbone "
+    "without BatchNorm gets none. With choose_strategy on, a value at or above baseline.advisor.high_shift "
+    "(0.25 by default, calibrated on the demo only) makes the advisor pick full fine-tuning with uniform "
+    "learning rates, because the early layers must adapt as much as the late ones."
 )
 
 
@@ -102,28 +118,31 @@ def learning_curves_grid_png(outcomes: Sequence[StrategyOutcome], path: Path) ->
     return path
 
 
-def confusion_grid_png(outcomes: Sequence[StrategyOutcome], classes: Sequence[str], path: Path) -> Path:
+#: the widest the confusion figure gets by putting panels side by side (about the page's width at
+#: the figure's dpi); one panel wider than this gets a row of its own, shown at its natural size
+CONFUSION_MAX_WIDTH_INCHES = 12.0
+
+
+def confusion_figure(outcomes: Sequence[StrategyOutcome], classes: Sequence[str]):  # type: ignore[no-untyped-def]
+    """One legible panel per strategy (:func:`adaptflow.plots.confusion_layout`), counts in every cell."""
     plt = _pyplot()
-    cols = min(3, max(1, len(outcomes)))
+    panel = confusion_layout(classes).panel_inches
+    fit = max(1, int(CONFUSION_MAX_WIDTH_INCHES // panel))
+    cols = min(3, fit, max(1, len(outcomes)))
     rows = max(1, math.ceil(len(outcomes) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel * cols, panel * rows), squeeze=False)
     for ax, o in zip(axes.flat, outcomes, strict=False):
-        matrix = o.score.confusion_matrix
-        ax.imshow(matrix, cmap="Blues")
-        peak = max((max(r) for r in matrix), default=0)
-        for i, row in enumerate(matrix):
-            for j, value in enumerate(row):
-                ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
-                        color="white" if value > peak / 2 else "black")  # fmt: skip
-        ax.set_xticks(range(len(classes)), labels=list(classes), fontsize=7)
-        ax.set_yticks(range(len(classes)), labels=list(classes), fontsize=7)
-        ax.set_title(f"{o.strategy}: {o.score.accuracy:.3f}", fontsize=10)
-        ax.set_xlabel("predicted", fontsize=8)
-        ax.set_ylabel("true", fontsize=8)
+        draw_confusion(ax, o.score.confusion_matrix, classes, f"{o.strategy}: {o.score.accuracy:.3f}")
     for ax in list(axes.flat)[len(outcomes) :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    return fig
+
+
+def confusion_grid_png(outcomes: Sequence[StrategyOutcome], classes: Sequence[str], path: Path) -> Path:
+    plt = _pyplot()
+    fig = confusion_figure(outcomes, classes)
+    fig.savefig(path, dpi=ConfusionLayout.DPI)
     plt.close(fig)
     return path
 
@@ -132,7 +151,9 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table_rows(result: CompareResult) -> list[list[str]]:
+def table_rows(result: CompareResult, decision: Decision | None = None) -> list[list[str]]:
+    """The strategy table, header first; ★ marks :func:`adaptflow.report_decision.decide`'s best."""
+    best = (decision or decide(result)).best
     header = [
         "strategy",
         "test accuracy [95% CI]",
@@ -150,7 +171,7 @@ def table_rows(result: CompareResult) -> list[list[str]]:
         low, high = o.score.accuracy_ci95
         rows.append(
             [
-                o.strategy + (" ★" if o.strategy == result.best else ""),
+                o.strategy + (" ★" if o.strategy == best else ""),
                 f"{o.score.accuracy:.4f} [{low:.3f}, {high:.3f}]",
                 f"{o.score.macro_f1:.4f}",
                 _fmt(o.p_value_vs_baseline, ".3g"),
@@ -176,6 +197,10 @@ PLOTS = (
 )  # fmt: skip
 
 
+# the confusion matrices keep their pixels (scrolling sideways if wider than the page): scaled down
+# to the page's width, a many-class matrix's numbers would shrink below legibility again
+NATURAL_SIZE = ' class="natural"'
+
 REFERENCE_NOTE = (
     "Rows reference-*: scikit-learn references fitted on the same training images, no network: a "
     "logistic regression on downsampled grayscale pixels, and always the majority class. The "
@@ -196,9 +221,21 @@ def write_report(result: CompareResult, out_dir: str | Path) -> tuple[Path, Path
     accuracy_vs_cost_png(outcomes, plots / PLOTS[0][0])
     learning_curves_grid_png(outcomes, plots / PLOTS[1][0])
     confusion_grid_png(outcomes, result.class_names, plots / PLOTS[2][0])
-    rows = table_rows(result)
+    chosen = decide(result)
+    rows = table_rows(result, chosen)
     decision = result.decision
-    verdict = "fine-tune" if decision.should_finetune else "keep the transfer-learning baseline"
+    headline = chosen.best + (f" (tied with {', '.join(chosen.tied_with)})" if chosen.tied_with else "")
+    evidence = [v.evidence() + f": {v.verdict}" for v in chosen.versus_baseline]
+    pipeline = (
+        []
+        if result.best == chosen.best
+        else [
+            f"The pipeline's own pick, by the finetune_margin rule alone (as evaluate chooses): "
+            f"{result.best}: {result.best_reason}"
+        ]
+    )
+    advisor = advisor_headline(result, chosen)
+    notes = [*parameter_notes(result), gap_note(result)]
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     facts = [
         ("data", result.data_uri),
@@ -220,11 +257,16 @@ def write_report(result: CompareResult, out_dir: str | Path) -> tuple[Path, Path
     md.append("| " + " | ".join(rows[0]) + " |")
     md.append("|" + "|".join("---" for _ in rows[0]) + "|")
     md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    md += ["", f"**Best**: {result.best}. {result.best_reason}", "", REFERENCE_NOTE, ""]
+    md += ["", f"**Best**: {headline}: {chosen.reason.rstrip('.')}.", ""]
+    md += [f"- {line}" for line in evidence]
+    md += ["", *(f"{line}\n" for line in pipeline), f"*{TIE_RULE}*", "", REFERENCE_NOTE, ""]
+    md += ["### Reading the table", ""] + [f"- {line}" for line in notes] + [""]
     md += [
         "## The advisor's decision",
         "",
-        f"**{verdict}** (strategy `{decision.strategy}`): {decision.reason}",
+        f"**{advisor}**",
+        "",
+        f"The advisor's reasoning, from the baseline's signals before anything was fine-tuned: {decision.reason}",
         "",
     ]
     md += ["| signal | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in _signals_rows(result)]
@@ -242,7 +284,7 @@ def write_report(result: CompareResult, out_dir: str | Path) -> tuple[Path, Path
     facts_html = "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in facts)
     figures = "".join(
         f'<figure><img src="data:image/png;base64,{base64.b64encode((plots / name).read_bytes()).decode()}" '
-        f'alt="{e(alt)}"><figcaption>{e(alt)}</figcaption></figure>'
+        f'alt="{e(alt)}"{NATURAL_SIZE if name == PLOTS[2][0] else ""}><figcaption>{e(alt)}</figcaption></figure>'
         for name, alt in PLOTS
     )
     page = f"""<!DOCTYPE html>
@@ -253,17 +295,25 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width:
 table {{ border-collapse: collapse; margin: 1em 0; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
 th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
-figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555; font-size: 90%; }}
+figure {{ margin: 1.5em 0; overflow-x: auto; }} img {{ max-width: 100%; }}
+img.natural {{ max-width: none; }} figcaption {{ color: #555; font-size: 90%; }}
 .decision {{ background: #f7f7ff; border-left: 4px solid #55f; padding: 0.5em 1em; }}
 </style></head><body>
 <h1>Transfer learning versus fine-tuning</h1>
 <ul>{facts_html}</ul>
 <h2>Results (same test split for every row)</h2>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-<p><b>Best</b>: {e(result.best)}. {e(result.best_reason)}</p>
+<p><b>Best</b>: {e(headline)}: {e(chosen.reason.rstrip("."))}.</p>
+<ul>{"".join(f"<li>{e(line)}</li>" for line in evidence)}</ul>
+{"".join(f"<p>{e(line)}</p>" for line in pipeline)}
+<p><i>{e(TIE_RULE)}</i></p>
 <p>{e(REFERENCE_NOTE)}</p>
+<h3>Reading the table</h3>
+<ul>{"".join(f"<li>{e(line)}</li>" for line in notes)}</ul>
 <h2>The advisor's decision</h2>
-<p class="decision"><b>{e(verdict)}</b> (strategy <code>{e(decision.strategy)}</code>): {e(decision.reason)}</p>
+<p class="decision"><b>{e(advisor)}</b></p>
+<p>The advisor's reasoning, from the baseline's signals before anything was fine-tuned:
+{e(decision.reason)}</p>
 <table><thead><tr><th>signal</th><th>value</th></tr></thead><tbody>{signals}</tbody></table>
 <p><i>How domain shift is measured.</i> {e(SHIFT_METHOD)}</p>
 <h2>Plots</h2>

@@ -205,7 +205,9 @@ def test_compare_view_shows_the_table_best_advisor_report_and_run() -> None:
     assert lines[3].startswith("partial ★ 0.9000 [0.880, 0.920]")
     assert lines[4:] == [
         "best: partial: partial beats the baseline by +0.1000",
-        "advisor: fine-tune: baseline below target",
+        "advisor: advisor predicted full (not compared here): this is the advisor's prediction from its "
+        "signals, made before any strategy was trained, not a measured result. Among the strategies "
+        "compared (baseline, partial) the measured best is partial.",
         "report: /out/report.html",
         "/out/report.md",
         "mlflow: sqlite:///state/mlflow.db run run-xyz",
