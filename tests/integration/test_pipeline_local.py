@@ -124,7 +124,9 @@ def test_registry_seen_by_a_separate_client(three_runs) -> None:  # type: ignore
     assert v2.tags["adaptflow.gate.decision"] == "rejected"
     # each version describes itself: a model card; the audit record is an artifact it links to, not a tag
     assert v1.description.startswith("## v1: ") and "### Gate: **promoted to champion**" in v1.description
-    assert f"`{first['dataset']['source']}`" in v1.description and "| baseline (candidate) |" in v1.description
+    assert (
+        f"`{first['dataset']['source']}`" in v1.description and "| baseline (candidate) |" in v1.description
+    )
     assert "audit/champion_audit.jsonl" in v1.description
     assert "### Gate: **not promoted**" in v2.description and "not better than champion" in v2.description
     assert not [v for mv in (v1, v2) for v in mv.tags.values() if v.startswith("{")]  # no JSON blobs

@@ -33,12 +33,14 @@ def _error_object(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 @pytest.mark.integration
 def test_run_json_names_the_stage_that_failed(tmp_path: Path) -> None:
-    missing = tmp_path / "no-such-folder"
+    data = tmp_path / "data"
+    for label in ("a", "b"):  # class folders without images: ingest itself fails
+        (data / label).mkdir(parents=True)
     result = _adaptflow(
         "run",
         "--json",
         "--data",
-        str(missing),
+        str(data),
         "--set",
         f"workdir={tmp_path / 'w'}",
         "--set",
@@ -47,8 +49,16 @@ def test_run_json_names_the_stage_that_failed(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr[-3000:]  # PipelineFailed's status, as without --json
     record = _error_object(result)
     assert record["stage"] == "ingest"
-    assert record["error"].startswith("stage ingest failed: ") and str(missing) in record["error"]
-    assert record["hint"] and "--data" in record["hint"]
+    assert record["error"].startswith("stage ingest failed: ")
+    assert record["hint"]
+
+
+def test_a_missing_data_folder_fails_before_any_stage(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-folder"
+    result = _adaptflow("run", "--json", "--data", str(missing), "--set", f"workdir={tmp_path / 'w'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    record = _error_object(result)
+    assert record["stage"] is None and str(missing) in record["error"] and "--data" in record["hint"]
 
 
 def test_json_error_before_any_stage_has_a_null_stage(tmp_path: Path) -> None:

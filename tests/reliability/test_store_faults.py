@@ -46,7 +46,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess[str], meaning: st
 
 def _store(tmp_path: Path) -> tuple[Path, Path]:
     work = tmp_path / "work"
-    (work / "data").mkdir(parents=True)
+    (work / "data" / "a").mkdir(parents=True)  # a class folder: --data passes the check before the store's
     return work, work / "mlflow.db"
 
 
