@@ -255,8 +255,8 @@ def run_local(settings: Settings, data_uri: str, force: bool = False) -> dict[st
             force=force,
             pipeline_version="local",
         )
-    except AdaptflowError as error:
-        outcome = "stopped" if isinstance(error, Interrupted) else "failed"
+    except BaseException as error:
+        outcome = "stopped" if isinstance(error, Interrupted | KeyboardInterrupt) else "failed"
         name_run(ctx, f"{settings.registry.model_name}: {outcome}")
         raise
     summary: dict[str, Any] = json.loads((output / SUMMARY_FILE).read_text())

@@ -257,10 +257,18 @@ def _parent_run(settings: Any) -> Any:
     return run
 
 
+def _data_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``data`` (relative, as the runs are tagged) with a class folder: it passes the check before a run."""
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+
+
 def test_a_failed_local_run_fails_its_mlflow_run_with_the_stage_error(
-    embedded_mlflow: Any, monkeypatch: pytest.MonkeyPatch
+    embedded_mlflow: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import adaptflow.pipelines.pipeline
+
+    _data_folder(tmp_path, monkeypatch)
 
     def failing(**arguments: Any) -> Any:
         Path(os.environ[ERROR_FILE_ENV]).write_text(
@@ -275,13 +283,16 @@ def test_a_failed_local_run_fails_its_mlflow_run_with_the_stage_error(
         run_local(embedded_mlflow, "data")
     assert error.value.hint == "remove it"
     assert _parent_run(embedded_mlflow).info.status == "FAILED"
+    assert _parent_run(embedded_mlflow).info.run_name == f"{embedded_mlflow.registry.model_name}: failed"
     assert ERROR_FILE_ENV not in os.environ and sys.stdout is stdout
 
 
 def test_an_interrupted_local_run_kills_its_mlflow_run(
-    embedded_mlflow: Any, monkeypatch: pytest.MonkeyPatch
+    embedded_mlflow: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import adaptflow.pipelines.pipeline
+
+    _data_folder(tmp_path, monkeypatch)
 
     def interrupted(**arguments: Any) -> Any:
         raise KeyboardInterrupt
@@ -290,3 +301,4 @@ def test_an_interrupted_local_run_kills_its_mlflow_run(
     with pytest.raises(KeyboardInterrupt):
         run_local(embedded_mlflow, "data")
     assert _parent_run(embedded_mlflow).info.status == "KILLED"
+    assert _parent_run(embedded_mlflow).info.run_name.endswith(": stopped")
