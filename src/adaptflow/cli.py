@@ -12,31 +12,29 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from typer.exceptions import TyperException
 
 from adaptflow import __version__, render
 from adaptflow.cli_cluster import schedule_app, submit
+from adaptflow.cli_registry import history, predict, rollback
 from adaptflow.cli_shared import (
     OUTPUT,
     ConfigOpt,
     DataOpt,
     ForceOpt,
     JsonOpt,
-    ModelNameOpt,
     SetOpt,
     component_image,
     emit,
     fail,
     load,
-    print_view,
     usage_error,
 )
 from adaptflow.cpus import use_openmp_defaults
 from adaptflow.demo import TARGET_TREES
-from adaptflow.errors import PredictionsFailed
 from adaptflow.logs import LEVELS, setup_logging
 
 if TYPE_CHECKING:
@@ -78,6 +76,7 @@ def main_callback(
         str,
         typer.Option(
             "--log-level",
+            metavar="LEVEL",
             callback=_check_level,
             help=f"{', '.join(LEVELS)}: the lowest level logged (to a run's log file; on the terminal with -v)",
         ),
@@ -89,24 +88,6 @@ def main_callback(
 ) -> None:
     OUTPUT["debug"] = debug
     setup_logging(log_level.upper(), verbose=verbose or debug)
-
-
-def _tracking_uri(config: Path | None, overrides: list[str]) -> tuple[Settings, str]:
-    """The settings and the tracking store they name, checked reachable."""
-    from adaptflow.tracking import check_tracking_reachable, resolve_tracking_uri
-
-    settings = load(config, overrides)
-    uri = resolve_tracking_uri(settings)
-    check_tracking_reachable(uri)
-    return settings, uri
-
-
-def _registry(
-    model: str | None, config: Path | None, overrides: list[str] | None
-) -> tuple[Settings, str, str]:
-    """Settings, the reachable tracking store, and the model: --model or registry.model_name."""
-    settings, uri = _tracking_uri(config, overrides or [])
-    return settings, uri, model or settings.registry.model_name
 
 
 def _check_demo_dataset(name: str) -> None:
@@ -246,11 +227,47 @@ def compile_cmd(
 
 @config_app.command("show")
 def config_show(config: ConfigOpt = None, overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
-    """Print the resolved configuration (defaults, then the file, then --set)."""
-    from adaptflow.config import dump_settings
+    """Print the resolved configuration (defaults, then the file, then --set), each key's type and
+    description as a YAML comment."""
+    from adaptflow.config_describe import describe_settings
 
     settings = load(config, overrides or [])
-    typer.echo(json.dumps(settings.model_dump(mode="json"), indent=2) if as_json else dump_settings(settings))
+    typer.echo(
+        json.dumps(settings.model_dump(mode="json"), indent=2) if as_json else describe_settings(settings)
+    )
+
+
+@app.command("gc")
+def gc_cmd(
+    keep_runs: Annotated[
+        int,
+        typer.Option(
+            min=0, metavar="N", help="keep the N newest kfp-local/ and runs/ folders (each); older ones go"
+        ),
+    ] = 5,
+    older_than: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            metavar="DAYS",
+            help="remove cache/decoded, cache/features and checkpoints/ entries not modified for DAYS days",
+        ),
+    ] = 7,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would go; remove nothing")] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove old local scratch under the workdir and show what it frees.
+
+    Never touched: mlflow.db, mlartifacts/, cache/weights/, configs/, anything modified within the last
+    hour (a run may be active), and anything a symlink leads to.
+    """
+    from adaptflow.cleanup import collect_garbage, gc_view
+
+    settings = load(config, overrides or [])
+    result = collect_garbage(settings.workdir, keep_runs, older_than, dry_run)
+    emit(result.as_dict(), as_json, gc_view)
 
 
 @app.command()
@@ -265,96 +282,9 @@ def backbones(as_json: JsonOpt = False) -> None:
         typer.echo("\n".join(names))
 
 
-@app.command()
-def history(
-    model: ModelNameOpt = None,
-    config: ConfigOpt = None,
-    overrides: SetOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Print the champion audit trail: every promotion and rollback."""
-    from adaptflow.promotion import read_audit
-
-    _, uri, name = _registry(model, config, overrides)
-    emit(read_audit(uri, name), as_json, lambda rows: render.history_table(rows, name))
-
-
-@app.command()
-def rollback(
-    model: ModelNameOpt = None,
-    to: Annotated[
-        str | None,
-        typer.Option("--to", metavar="VERSION", help="version to make champion (default: the previous one)"),
-    ] = None,
-    reason: Annotated[str, typer.Option(metavar="TEXT", help="why, for the audit trail")] = "",
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force", help="roll back to a version the gate rejected, or with another backbone or classes"
-        ),
-    ] = False,
-    config: ConfigOpt = None,
-    overrides: SetOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Move `champion` back one step along the audit trail (or to --to), under the promotion lease."""
-    from adaptflow.promotion import rollback_champion
-
-    settings, uri, name = _registry(model, config, overrides)
-    record = rollback_champion(
-        uri, settings.tracking.experiment, settings.workdir, settings.registry, name, to, reason, force
-    )
-    emit(record.__dict__, as_json, lambda row: render.history_table([row], name))
-
-
-def _emit_predictions(rows: list[dict[str, Any]], fmt: str, model: str) -> None:
-    if fmt == "json":
-        typer.echo(json.dumps(rows, indent=2))
-    elif fmt == "csv":
-        sys.stdout.write(render.predictions_csv(rows))
-    else:
-        print_view(render.predictions_table(rows, model))
-
-
-PREDICT_FORMATS = ("table", "json", "csv")
-
-
-def _check_format(value: str) -> str:
-    if value not in PREDICT_FORMATS:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(PREDICT_FORMATS)}")
-    return value
-
-
-@app.command()
-def predict(
-    paths: Annotated[list[str], typer.Argument(metavar="PATH...", help="image files or folders")],
-    model: Annotated[
-        str, typer.Option(metavar="URI", help="models:/NAME@champion, models:/NAME/VERSION or a .onnx file")
-    ] = "",
-    output_format: Annotated[
-        str,
-        typer.Option("--format", metavar="table|json|csv", callback=_check_format, help="output format"),
-    ] = "table",
-    as_json: JsonOpt = False,
-    config: ConfigOpt = None,
-    overrides: SetOpt = None,
-) -> None:
-    """Classify images with a registered model, using the preprocessing stored in its metadata."""
-    import mlflow
-
-    from adaptflow.predict import expand_paths, load_model, predict_files
-
-    settings, uri = _tracking_uri(config, overrides or [])
-    mlflow.set_tracking_uri(uri)
-    classifier = load_model(model or f"models:/{settings.registry.model_name}@champion", uri)
-    rows = [p.__dict__ for p in predict_files(classifier, expand_paths(paths))]
-    _emit_predictions(rows, "json" if as_json else output_format, model)
-    failed = [r for r in rows if r["error"]]
-    if failed:
-        raise PredictionsFailed(failed, len(rows))
-
-
 app.command()(submit)  # defined with the other cluster commands in cli_cluster
+for command in (history, rollback, predict):  # the registry commands, in cli_registry
+    app.command()(command)
 
 
 @app.command()

@@ -248,11 +248,10 @@ def rollback_differences(client: Any, model_name: str, current: str, target: str
     now = client.get_model_version(model_name, current).tags or {}
     then = client.get_model_version(model_name, target).tags or {}
     found = []
-    if then.get(GATE_DECISION_TAG) != "promoted":
-        reasons = then.get(GATE_REASONS_TAG) or "no gate decision recorded"
-        found.append(
-            f"the gate did not promote v{target} ({then.get(GATE_DECISION_TAG, 'undecided')}: {reasons})"
-        )
+    decision = then.get(GATE_DECISION_TAG)
+    if decision is not None and decision != "promoted":  # a version registered outside adaptflow has none
+        reasons = then.get(GATE_REASONS_TAG) or "no reasons recorded"
+        found.append(f"the gate did not promote v{target} ({decision}: {reasons})")
     for tag, what in (("adaptflow.backbone", "backbone"), ("adaptflow.backbone_sha256", "backbone weights")):
         if now.get(tag) != then.get(tag):
             found.append(f"{what}: v{target} has {then.get(tag)}, v{current} has {now.get(tag)}")
