@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_report_browser import CHROMIUM_FLAGS as REPORT_FLAGS
 
 from services import require_or_skip
 
@@ -43,17 +44,9 @@ pytestmark = pytest.mark.integration
 
 ADAPTFLOW = [sys.executable, "-m", "adaptflow.cli"]
 
-# as test_report_browser.py, with a longer virtual-time budget: the SPA fetches from the server first
+# test_report_browser.py's flags, with a longer virtual-time budget: the SPA fetches from the server first
 CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",  # these tests may run as root (containers, CI)
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
+    *(flag for flag in REPORT_FLAGS if not flag.startswith("--virtual-time-budget=")),
     "--virtual-time-budget=15000",
     "--window-size=1400,1000",
 ]

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from adaptflow.cleanup import collect_garbage, gc_view, newest_mtime, plan_gc
 from adaptflow.cli import app
+from cli_invoke import invoke
 
 NOW = time.time()
 DAY = 86400.0
@@ -184,14 +185,6 @@ def test_the_view_lists_paths_relative_to_the_workdir(workdir: Path) -> None:
     assert "cache/features/ns-old" in text and "would free" in text and "MB" in text
     console.print(gc_view(collect_garbage(workdir / "cache" / "weights").as_dict()))
     assert "nothing to remove" in console.export_text()
-
-
-def invoke(*args: str) -> Any:
-    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def test_the_command_prints_json(workdir: Path) -> None:

@@ -22,16 +22,9 @@ from adaptflow.errors import ConfigError, StoreError
 from adaptflow.promotion import AuditRecord, read_audit, rollback_champion
 from adaptflow.registry import CHAMPION, get_champion
 from adaptflow.tracking import embedded_tracking_uri, ensure_experiment
+from cli_invoke import invoke
 
 SHA = "c0ffee" * 10 + "abcd"
-
-
-def invoke(*args: str) -> Any:
-    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture

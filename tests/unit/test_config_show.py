@@ -8,22 +8,12 @@ from typing import Any, Literal
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from adaptflow.cli import app
 from adaptflow.config import Settings, load_settings
 from adaptflow.config_base import load_yaml
 from adaptflow.config_cluster import Resources, Toleration
 from adaptflow.config_describe import describe_settings, type_name
-
-
-def invoke(*args: str) -> Any:
-    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return result
-
+from cli_invoke import invoke
 
 OVERRIDES = [
     "finetune.lr=1e-5",  # PyYAML 1.1 would read an unquoted 1e-05 back as a string
