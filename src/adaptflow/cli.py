@@ -117,9 +117,13 @@ def _with_demo_assets(
 
 @app.command("demo-data")
 def demo_data(
-    out: Annotated[Path, typer.Argument(help="folder to write source/, target/ and target-shifted/ into")],
-    size: Annotated[int, typer.Option(help="image side in pixels")] = 32,
-    limit_per_class: Annotated[int | None, typer.Option(help="keep at most N images per digit")] = None,
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="folder to write source/, target/ and target-shifted/ into")
+    ],
+    size: Annotated[int, typer.Option(metavar="PX", help="image side in pixels")] = 32,
+    limit_per_class: Annotated[
+        int | None, typer.Option(metavar="N", help="keep at most N images per digit")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write ImageFolder demo trees built from scikit-learn's handwritten digits (no network)."""
@@ -131,12 +135,12 @@ def demo_data(
 
 @app.command()
 def pretrain(
-    data: Annotated[Path, typer.Option(help="ImageFolder of the source task")],
-    out: Annotated[Path, typer.Option(help="weights file to write (.safetensors or .pth)")],
-    backbone: Annotated[str, typer.Option(help="torchvision architecture")] = "resnet18",
-    epochs: int = 8,
-    input_size: int = 32,
-    seed: int = 0,
+    data: Annotated[Path, typer.Option(metavar="DIR", help="ImageFolder of the source task")],
+    out: Annotated[Path, typer.Option(metavar="FILE", help="weights file to write (.safetensors or .pth)")],
+    backbone: Annotated[str, typer.Option(metavar="NAME", help="torchvision architecture")] = "resnet18",
+    epochs: Annotated[int, typer.Option(metavar="N", help="training epochs")] = 8,
+    input_size: Annotated[int, typer.Option(metavar="PX", help="input size")] = 32,
+    seed: Annotated[int, typer.Option(metavar="N", help="random seed")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Pretrain a backbone on a source task; writes weights + <file>.json (sha256, preprocessing)."""
@@ -179,9 +183,9 @@ def run(
 @app.command()
 def demo(
     workdir: Annotated[
-        Path, typer.Option(help="where demo data, weights and the embedded MLflow live")
+        Path, typer.Option(metavar="DIR", help="where demo data, weights and the embedded MLflow live")
     ] = Path(".adaptflow"),
-    dataset: Annotated[str, typer.Option(help=DEMO_DATASET_HELP)] = "target",
+    dataset: Annotated[str, typer.Option(metavar="NAME", help=DEMO_DATASET_HELP)] = "target",
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
@@ -197,7 +201,7 @@ def demo(
 
 @app.command("compile")
 def compile_cmd(
-    output: Annotated[Path, typer.Option("--output", "-o", help="IR YAML to write")],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="IR YAML to write")],
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     image: Annotated[
@@ -206,7 +210,9 @@ def compile_cmd(
     ] = None,
     fingerprint: Annotated[
         str | None,
-        typer.Option(help="data fingerprint known now: pinned into each cacheable task's cache key"),
+        typer.Option(
+            metavar="SHA256", help="data fingerprint known now: pinned into each cacheable task's cache key"
+        ),
     ] = None,
     compare: Annotated[
         bool, typer.Option("--compare", help="compile the strategy comparison DAG (`adaptflow compare`)")
@@ -290,10 +296,14 @@ for command in (history, rollback, predict):  # the registry commands, in cli_re
 @app.command()
 def compare(
     data: Annotated[
-        str | None, typer.Option(help="ImageFolder dir, s3://bucket/prefix, or a .csv/.jsonl manifest")
+        str | None,
+        typer.Option(
+            metavar="PATH|URI", help="ImageFolder dir, s3://bucket/prefix, or a .csv/.jsonl manifest"
+        ),
     ] = None,
     strategies: Annotated[
-        str, typer.Option(help="comma-separated: linear_probe,partial,full,lora,gradual,scratch")
+        str,
+        typer.Option(metavar="LIST", help="comma-separated: linear_probe,partial,full,lora,gradual,scratch"),
     ] = "linear_probe,partial,full,lora,gradual",
     demo: Annotated[
         bool,
@@ -301,14 +311,19 @@ def compare(
             "--demo", help="use the demo assets (data + source backbone, made once under the workdir)"
         ),
     ] = False,
-    dataset: Annotated[str, typer.Option(help="with --demo: " + DEMO_DATASET_HELP)] = "target",
+    dataset: Annotated[
+        str, typer.Option(metavar="NAME", help="with --demo: " + DEMO_DATASET_HELP)
+    ] = "target",
     train_per_class: Annotated[
         int | None,
         typer.Option(
-            help="keep N training images per class (the few-images condition; = --set ingest.train_per_class=N)"
+            metavar="N",
+            help="keep N training images per class (the few-images condition; = --set ingest.train_per_class=N)",
         ),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="output folder (default: <workdir>/compare)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(metavar="DIR", help="output folder (default: <workdir>/compare)")
+    ] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     as_json: JsonOpt = False,

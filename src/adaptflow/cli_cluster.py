@@ -44,9 +44,9 @@ def submit(
     experiment: ExperimentOpt = "adaptflow",
     config: ConfigOpt = None,
     overrides: SetOpt = None,
-    run_name: Annotated[str | None, typer.Option(help="KFP run name")] = None,
+    run_name: Annotated[str | None, typer.Option(metavar="NAME", help="KFP run name")] = None,
     version_name: Annotated[
-        str | None, typer.Option(help="pipeline version name (default: time + hash)")
+        str | None, typer.Option(metavar="NAME", help="pipeline version name (default: time + hash)")
     ] = None,
     token: TokenOpt = None,
     namespace: NamespaceOpt = None,
@@ -82,13 +82,17 @@ def submit(
 @schedule_app.command("create")
 def schedule_create(
     host: HostOpt,
-    cron: Annotated[str, typer.Option(help="6-field cron, seconds first: '0 0 3 * * 1' = Mondays 03:00")],
+    cron: Annotated[
+        str, typer.Option(metavar="CRON", help="6-field cron, seconds first: '0 0 3 * * 1' = Mondays 03:00")
+    ],
     data: ClusterDataOpt,
-    name: Annotated[str, typer.Option("--name", help="recurring run name")] = "adaptflow-retrain",
+    name: Annotated[
+        str, typer.Option("--name", metavar="NAME", help="recurring run name")
+    ] = "adaptflow-retrain",
     experiment: ExperimentOpt = "adaptflow",
     config: ConfigOpt = None,
     overrides: SetOpt = None,
-    max_concurrency: Annotated[int, typer.Option(help="runs allowed at once")] = 1,
+    max_concurrency: Annotated[int, typer.Option(metavar="N", help="runs allowed at once")] = 1,
     catchup: Annotated[bool, typer.Option("--catchup/--no-catchup", help="backfill missed runs")] = False,
     replace: Annotated[bool, typer.Option(help="replace a schedule of the same name")] = False,
     token: TokenOpt = None,
@@ -119,7 +123,7 @@ def schedule_create(
 @schedule_app.command("list")
 def schedule_list(
     host: HostOpt,
-    experiment: Annotated[str | None, typer.Option(help="only this experiment")] = None,
+    experiment: Annotated[str | None, typer.Option(metavar="NAME", help="only this experiment")] = None,
     token: TokenOpt = None,
     namespace: NamespaceOpt = None,
     as_json: JsonOpt = False,
@@ -134,7 +138,9 @@ def schedule_list(
 @schedule_app.command("delete")
 def schedule_delete(
     host: HostOpt,
-    recurring_run_id: Annotated[str, typer.Argument(help="id from `adaptflow schedule list`")],
+    recurring_run_id: Annotated[
+        str, typer.Argument(metavar="RUN_ID", help="id from `adaptflow schedule list`")
+    ],
     token: TokenOpt = None,
     namespace: NamespaceOpt = None,
 ) -> None:

@@ -95,7 +95,7 @@ def _check_format(value: str) -> str:
 
 
 def predict(
-    paths: Annotated[list[str], typer.Argument(metavar="PATH...", help="image files or folders")],
+    paths: Annotated[list[str], typer.Argument(metavar="PATH", help="image files or folders (one or more)")],
     model: Annotated[
         str, typer.Option(metavar="URI", help="models:/NAME@champion, models:/NAME/VERSION or a .onnx file")
     ] = "",
