@@ -199,6 +199,7 @@ def assemble(
     """The comparison, with the best row chosen like evaluate does (must beat the baseline by the margin)."""
     from adaptflow.evaluation import HeldOut, choose_winner
     from adaptflow.models.weights import describe_backbone
+    from adaptflow.report_decision import decide
 
     base = next(o for o in outcomes if o.strategy == BASELINE)
     others = [o.score for o in outcomes if o.strategy != BASELINE]
@@ -206,7 +207,7 @@ def assemble(
     val = {o.score.name: HeldOut(o.val_accuracy, val_images, o.val_loss) for o in outcomes}
     best, reason = choose_winner(base.score, others, settings.evaluate.finetune_margin, val)
     best_strategy = next(o.strategy for o in outcomes if o.score.name == best)
-    return CompareResult(
+    result = CompareResult(
         data_uri=data_uri,
         fingerprint=snapshot.fingerprint,
         class_names=snapshot.class_names,
@@ -223,6 +224,14 @@ def assemble(
         backbone=describe_backbone(baseline.candidate.backbone.name, baseline.candidate.backbone_sha256),
         tracking_uri=tracking_uri,
         run_id=run_id,
+    )
+    supported = decide(result)
+    return result.model_copy(
+        update={
+            "supported_best": supported.best,
+            "supported_best_reason": supported.reason,
+            "tied_with": tuple(supported.tied_with),
+        }
     )
 
 

@@ -285,6 +285,11 @@ class CompareResult(Contract):
     report_html: str | None = None
     report_markdown: str | None = None
     references: tuple[ModelScore, ...] = Field((), description="the pixel references, same test split")
+    # what the test split supports (adaptflow.report_decision.decide): a difference it cannot resolve
+    # is a tie, and the cheaper strategy is preferred. ``best`` is the margin rule's pick, as evaluate ships.
+    supported_best: str | None = None
+    supported_best_reason: str | None = None
+    tied_with: tuple[str, ...] = ()
 
     def outcome(self, strategy: str) -> StrategyOutcome:
         for o in self.outcomes:

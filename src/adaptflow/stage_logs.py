@@ -308,6 +308,10 @@ def log_compare_result(ctx: TrackingContext, result: CompareResult) -> None:
         client.log_metric(ctx.parent_run_id, f"{r.name}.test_accuracy", r.accuracy)
     client.set_tag(ctx.parent_run_id, "adaptflow.compare.best", result.best)
     client.set_tag(ctx.parent_run_id, "adaptflow.compare.best_reason", result.best_reason[:MAX_TAG])
+    if result.supported_best is not None:  # what the test split supports (ties: the cheaper one)
+        client.set_tag(ctx.parent_run_id, "adaptflow.compare.supported_best", result.supported_best)
+        reason = result.supported_best_reason or ""
+        client.set_tag(ctx.parent_run_id, "adaptflow.compare.supported_best_reason", reason[:MAX_TAG])
 
 
 def log_compare_file(ctx: TrackingContext, out: Path) -> None:

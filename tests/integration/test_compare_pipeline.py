@@ -87,6 +87,9 @@ def test_adaptflow_compare_runs_the_dag_locally_and_copies_its_report_to_out(
     assert result.outcome("baseline").run_id == rows["compare-baseline"].info.run_id
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "report")}
     assert {"report/report.html", "report/report.md"} <= artifacts
+    # the test split's own verdict travels with the result and the run, beside the margin rule's pick
+    assert result.supported_best in {o.strategy for o in result.outcomes} and result.supported_best_reason
+    assert parent.data.tags["adaptflow.compare.supported_best"] == result.supported_best
 
 
 def test_loop_iterations_keep_upstream_task_outputs() -> None:
