@@ -43,7 +43,9 @@ def say(text: str) -> None:
 
 
 class _Bar:
-    """One stage bar: rich's on a terminal, a periodic line off one."""
+    """One stage bar: rich's on a terminal, a periodic line off one. Not ``image_progress``: while a
+    task runs, kfp.local swaps the root log handlers for its own (into the run log), so its
+    off-terminal log lines would never reach the terminal; these lines are written directly."""
 
     def __init__(self, description: str, total: int | None) -> None:
         self.progress = ImageProgress(

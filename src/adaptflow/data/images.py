@@ -224,10 +224,6 @@ class ResizeCrop:
         return F.to_image(F.center_crop(resized, [self.input_size]))
 
 
-def resize_crop(pre: Preprocessing) -> ResizeCrop:
-    return ResizeCrop(pre)
-
-
 def _transform(pre: Preprocessing, augment: list[Any]) -> v2.Compose:
     """Resize, centre crop, ``augment``, then scale and normalise: one recipe for training and inference."""
     import torch
@@ -235,7 +231,7 @@ def _transform(pre: Preprocessing, augment: list[Any]) -> v2.Compose:
 
     return v2.Compose(
         [
-            resize_crop(pre),
+            ResizeCrop(pre),
             *augment,
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(pre.mean), list(pre.std)),

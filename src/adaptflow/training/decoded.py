@@ -26,7 +26,7 @@ import torch
 
 from adaptflow.config import Settings
 from adaptflow.contracts import ManifestEntry, Preprocessing
-from adaptflow.data.images import ImageStore, ResizeCrop, resize_crop
+from adaptflow.data.images import ImageStore, ResizeCrop
 from adaptflow.errors import AdaptflowError
 from adaptflow.progress import image_progress
 from adaptflow.storage import write_atomic
@@ -109,7 +109,7 @@ def decode_all(
     chunks = -(-len(entries) // CHUNK)
     processes = min(workers or cpu_budget().cpus, chunks)
     loader = torch.utils.data.DataLoader(
-        _Decoding(entries, store, resize_crop(pre)),
+        _Decoding(entries, store, ResizeCrop(pre)),
         batch_size=CHUNK,
         num_workers=processes if processes > 1 else 0,
         collate_fn=_as_is,
