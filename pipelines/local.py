@@ -162,7 +162,6 @@ def kfp_local_run(
 
 
 class PipelineFailed(AdaptflowError):
-    exit_code = 1
     stage: str | None = None  # the stage that failed, for ``--json``'s error object
 
 

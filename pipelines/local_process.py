@@ -45,8 +45,6 @@ STOP_GRACE_SECONDS = 25.0
 class StageFailed(AdaptflowError):
     """A stage exited with a status that a retry cannot fix; the error file says why."""
 
-    exit_code = 1
-
     def __init__(self, returncode: int) -> None:
         super().__init__(f"stage exited with status {returncode}")
         self.returncode = returncode

@@ -7,9 +7,14 @@ from typing import Any
 
 
 class AdaptflowError(Exception):
-    """Base class. ``hint`` says what to do next; the CLI prints both and exits non-zero."""
+    """Base class. ``hint`` says what to do next; the CLI prints both and exits non-zero.
 
-    exit_code = 2
+    The CLI's exit status: 2 for a mistake in the command or its config (:class:`ConfigError`, as click
+    does for usage errors), 1 for everything else (data, store, weights, security, a failed stage).
+    A stage *process* exits with :func:`exit_status` instead, which says whether a retry can help.
+    """
+
+    exit_code = 1
     #: True when the same call may succeed later (network, throttling, preemption): worth a retry
     transient = False
 
@@ -36,7 +41,9 @@ def _restore(cls: type[AdaptflowError], message: str, state: dict[str, Any]) -> 
 
 
 class ConfigError(AdaptflowError):
-    """The configuration is invalid; raised before any work starts."""
+    """The command or its configuration is invalid; raised before any work starts."""
+
+    exit_code = 2
 
 
 class DataError(AdaptflowError):
@@ -61,8 +68,6 @@ class LeaseError(AdaptflowError):
 
 class PredictionsFailed(AdaptflowError):
     """``adaptflow predict``: some files were not classified (the others' predictions were printed)."""
-
-    exit_code = 1
 
     def __init__(self, failed: list[dict[str, Any]], total: int) -> None:
         first = "; ".join(f"{r['path']}: {r['error']}" for r in failed[:3])

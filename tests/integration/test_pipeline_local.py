@@ -215,7 +215,7 @@ def test_predict_and_history_commands(three_runs) -> None:  # type: ignore[no-un
         cwd=work,
         check=False,
     )
-    assert missing.returncode == 2 and "no-such-model" in missing.stderr
+    assert missing.returncode == 1 and "no-such-model" in missing.stderr
     # a broken file among good ones: the good ones are classified, the run fails naming the file
     mixed = work / "mixed"
     mixed.mkdir(exist_ok=True)

@@ -82,7 +82,7 @@ def registry_without_history(tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 
 def _assert_clean_error(result: subprocess.CompletedProcess[str], message: str, hint: str) -> None:
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {message}"], result.stderr
     assert f"hint: {hint}" in result.stderr

@@ -137,7 +137,7 @@ def test_pipeline_predict_rollback_against_the_stack(
         "models:/stack-digits@nope",
         check=False,
     )
-    assert unknown.returncode == 2 and "stack-digits@nope" in unknown.stderr
+    assert unknown.returncode == 1 and "stack-digits@nope" in unknown.stderr
 
     admin = ["--set", "registry.model_name=stack-digits", "--set", f"workdir={tmp_path / 'admin'}"]
     shared = ["--set", f"registry.lease_uri=s3://{lease_bucket}/promotion"]

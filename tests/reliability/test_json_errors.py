@@ -56,7 +56,7 @@ def test_run_json_names_the_stage_that_failed(tmp_path: Path) -> None:
 def test_a_missing_data_folder_fails_before_any_stage(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-folder"
     result = _adaptflow("run", "--json", "--data", str(missing), "--set", f"workdir={tmp_path / 'w'}")
-    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]
     record = _error_object(result)
     assert record["stage"] is None and str(missing) in record["error"] and "--data" in record["hint"]
 
@@ -72,7 +72,7 @@ def test_json_error_before_any_stage_has_a_null_stage(tmp_path: Path) -> None:
 def test_other_json_commands_print_the_error_object_too(tmp_path: Path) -> None:
     (tmp_path / "mlflow.db").write_bytes(b"not a database at all" * 100)
     result = _adaptflow("history", "--json", "--set", f"workdir={tmp_path}")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
     record = _error_object(result)
     assert (
         record["stage"] is None

@@ -35,7 +35,7 @@ def _adaptflow(work: Path, *args: str, prefix: list[str] | None = None) -> subpr
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess[str], meaning: str) -> str:
-    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     hints = [line for line in result.stderr.splitlines() if line.startswith("hint: ")]
@@ -83,10 +83,10 @@ def test_truncated_store_is_one_line_error(tmp_path: Path) -> None:
 def test_store_that_cannot_be_opened_fails_fast(tmp_path: Path) -> None:
     work, db = _store(tmp_path)
     db.mkdir()  # a folder where the file should be: SQLite cannot open it, whoever runs
-    started = time.monotonic()
+    # _adaptflow's 60 s timeout fails the test if MLflow's ~100 s of open retries are not cut short (a
+    # wall-clock assertion tighter than that only measured how busy the machine was)
     hint = _assert_one_line_error(_adaptflow(work, "run", "--data", str(work / "data")), "cannot be opened")
     assert "not a folder" in hint
-    assert time.monotonic() - started < 30  # not MLflow's ~100 s of retries
 
 
 def _read_only(db: Path) -> list[str]:
