@@ -26,6 +26,7 @@ from adaptflow.cli_shared import (
     DataOpt,
     ForceOpt,
     JsonOpt,
+    PlainArgumentsCommand,
     SetOpt,
     component_image,
     emit,
@@ -115,7 +116,7 @@ def _with_demo_assets(
     return settings.model_copy(update={"backbone": backbone}), str(assets.data / dataset)
 
 
-@app.command("demo-data")
+@app.command("demo-data", cls=PlainArgumentsCommand)
 def demo_data(
     out: Annotated[
         Path, typer.Argument(metavar="OUT", help="folder to write source/, target/ and target-shifted/ into")
@@ -289,8 +290,9 @@ def backbones(as_json: JsonOpt = False) -> None:
 
 
 app.command()(submit)  # defined with the other cluster commands in cli_cluster
-for command in (history, rollback, predict):  # the registry commands, in cli_registry
+for command in (history, rollback):  # the registry commands, in cli_registry
     app.command()(command)
+app.command(cls=PlainArgumentsCommand)(predict)
 
 
 @app.command()

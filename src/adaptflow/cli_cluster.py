@@ -19,6 +19,7 @@ from adaptflow.cli_shared import (
     HostOpt,
     JsonOpt,
     NamespaceOpt,
+    PlainArgumentsCommand,
     SetOpt,
     TokenOpt,
     component_image,
@@ -135,7 +136,7 @@ def schedule_list(
     emit([s.to_dict() for s in schedules], as_json, render.schedules_table)
 
 
-@schedule_app.command("delete")
+@schedule_app.command("delete", cls=PlainArgumentsCommand)
 def schedule_delete(
     host: HostOpt,
     recurring_run_id: Annotated[

@@ -10,11 +10,47 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperCommand
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
+    from typer import _click as click  # typer 0.29 vendors click: its parameters are not click's
 
     from adaptflow.config import Settings
+
+
+class PlainArgumentsCommand(TyperCommand):
+    """Help that names positional arguments as click does (``PATH...``, ``OUT``): typer 0.29 wraps them
+    in braces in the usage line (``{PATH}...``) and adds the Python type (``PATH <list[str]>``)."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            is_argument = param.param_type_name == "argument"
+            pieces.extend([_argument_label(param)] if is_argument else param.get_usage_pieces(ctx))
+        return pieces
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        arguments, options = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                arguments.append((_argument_label(param), record[1]))
+            else:
+                options.append(record)
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _argument_label(param: click.Parameter) -> str:
+    label = param.metavar or (param.name or "").upper()
+    label += "..." if param.nargs != 1 else ""
+    return label if param.required else f"[{label}]"
+
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", metavar="FILE", help="YAML config file")]
 SetOpt = Annotated[
@@ -148,4 +184,4 @@ def fail(error: Exception) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     if hint:
         typer.echo(f"hint: {hint}", err=True)
-    sys.exit(known.exit_code if known is not None else 2)
+    sys.exit(known.exit_code if known is not None else 1)

@@ -3,7 +3,9 @@ and rollback's MLflow run owned by the library. Library calls are replaced by re
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,10 @@ import adaptflow.config
 import adaptflow.demo
 import adaptflow.tracking
 from adaptflow.cli import app
+from adaptflow.cli_shared import fail
 from adaptflow.config import Settings, load_settings
 from adaptflow.demo import DemoAssets
-from adaptflow.errors import ConfigError, StoreError
+from adaptflow.errors import ConfigError, DataError, Interrupted, StoreError, WeightsError
 from adaptflow.promotion import AuditRecord, read_audit, rollback_champion
 from adaptflow.registry import CHAMPION, get_champion
 from adaptflow.tracking import embedded_tracking_uri, ensure_experiment
@@ -164,6 +167,23 @@ def test_compare_without_data_or_demo_is_a_usage_error(loads: list[Any]) -> None
     assert len(loads) == 1
 
 
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (ConfigError("gate.min_delt: unknown key"), 2),  # a mistake in the command or its config
+        (DataError("data source x does not exist"), 1),
+        (StoreError("m has no champion to roll back"), 1),
+        (WeightsError("sha256 mismatch"), 1),
+        (OSError(errno.ENOSPC, "No space left on device"), 1),  # known by its hint, not by its class
+        (Interrupted("run stopped by SIGTERM"), 143),
+    ],
+)
+def test_the_exit_status_is_2_only_for_usage_and_config_mistakes(error: Exception, status: int) -> None:
+    with pytest.raises(SystemExit) as ended:
+        fail(error)
+    assert ended.value.code == status
+
+
 @pytest.fixture
 def registry(tmp_path: Path) -> tuple[Path, str, MlflowClient]:
     """Model "m" with versions 1 and 2; 2 is the champion."""
@@ -243,3 +263,24 @@ def test_an_interrupted_rollback_kills_its_run(registry: Any, monkeypatch: pytes
         rollback_champion(uri, "adaptflow", workdir, Settings().registry, "m", "1")
     (run,) = _rollback_runs(client)
     assert run.info.status == "KILLED"
+
+
+def _command_paths(command: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    children = getattr(command, "commands", {})
+    paths = [prefix]
+    for name, child in children.items():
+        paths += _command_paths(child, (*prefix, name))
+    return paths
+
+
+def test_every_help_names_values_without_python_types() -> None:
+    import typer.main
+
+    paths = _command_paths(typer.main.get_command(app))
+    assert ("predict",) in paths and ("schedule", "delete") in paths and len(paths) > 15
+    for path in paths:
+        result = CliRunner().invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        # typer's own rendering shows `PATH <list[str]>`, `--json <bool>` and `{PATH}...`
+        leaked = re.findall(r"<(?:list\[\w+\]|str|int|float|bool|path)>|\{[A-Z_]+\}", result.output)
+        assert not leaked, (path, leaked, result.output)
