@@ -80,7 +80,8 @@ def summary_table(s: dict[str, Any]) -> Table:
         "onnx",
         f"max |ort - torch| {o['max_abs_diff']:.2e} (tol {o['tolerance']:.0e}), p50 {o['latency_ms_p50']:.2f} ms",
     )
-    table.add_row("mlflow", f"{s['mlflow']['tracking_uri']}  run {s['mlflow']['run_id']}")
+    mlflow = s["mlflow"]
+    table.add_row("mlflow", mlflow.get("ui_url") or f"{mlflow['tracking_uri']}  run {mlflow['run_id']}")
     if s.get("stage_seconds"):
         table.add_row("stage seconds", "  ".join(f"{k} {v:.1f}" for k, v in s["stage_seconds"].items()))
     return table

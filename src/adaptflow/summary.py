@@ -14,7 +14,7 @@ from adaptflow.contracts import (
     Registration,
     Snapshot,
 )
-from adaptflow.tracking import TrackingContext
+from adaptflow.tracking import TrackingContext, run_page_url
 
 
 def dataset_summary(snapshot: Snapshot) -> dict[str, Any]:
@@ -42,6 +42,7 @@ def unchanged_summary(
             "tracking_uri": ctx.tracking_uri,
             "experiment_id": ctx.experiment_id,
             "run_id": ctx.parent_run_id,
+            "ui_url": run_page_url(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id),
             "model_name": settings.registry.model_name,
         },
     }
@@ -128,6 +129,7 @@ def build_summary(
             "tracking_uri": ctx.tracking_uri,
             "experiment_id": ctx.experiment_id,
             "run_id": ctx.parent_run_id,
+            "ui_url": run_page_url(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id),
             "model_name": registration.model_name,
         },
     }

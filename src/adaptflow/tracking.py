@@ -141,6 +141,18 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
+def run_page_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in MLflow's UI when the store is a tracking server, else None (no UI serves it).
+
+    ``workflowType=machine_learning`` because MLflow 3.17's UI ignores :data:`EXPERIMENT_KIND` on its own
+    links and opens the GenAI pages unless the link names the workflow.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    base = tracking_uri.rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def ensure_experiment(tracking_uri: str, name: str, workdir: str | Path) -> str:
     """The experiment id; for embedded stores, artifacts go under the workdir, not ./mlruns."""
     from mlflow.tracking import MlflowClient

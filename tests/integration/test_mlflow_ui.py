@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 from test_report_browser import CHROMIUM_FLAGS as REPORT_FLAGS
 
+from adaptflow.tracking import run_page_url
 from services import require_or_skip
 
 pytestmark = pytest.mark.integration
@@ -237,8 +238,10 @@ def test_experiment_page_lists_the_run_by_its_outcome(
 def test_run_page_shows_metrics_and_dataset(
     browser: str, pipeline_run: PipelineRun, mlflow_ui: str, tmp_path: Path
 ) -> None:
-    route = f"#/experiments/{pipeline_run.experiment_id}/runs/{pipeline_run.run_id}"
-    page = render(browser, f"{mlflow_ui}/{route}?workflowType=machine_learning", "run", tmp_path)
+    # the link a run's summary prints when MLflow is a tracking server
+    url = run_page_url(mlflow_ui, pipeline_run.experiment_id, pipeline_run.run_id)
+    assert url is not None and url.endswith("?workflowType=machine_learning")
+    page = render(browser, url, "run", tmp_path)
     excerpt = page.text[:4000]
     assert pipeline_run.run_name in page.text, excerpt
     # the metrics table: key then value; the parent run's test_accuracy is the winner's
