@@ -43,6 +43,31 @@ class Retry(Section):
     backoff_max_duration: str = "3600s"
 
 
+class FinetuneScaling(Section):
+    """How the finetune stage scales past one device (``cluster.finetune``). See the README's scaling section.
+
+    - ``gpus: 1, nodes: 1``: one process in the finetune pod (the default).
+    - ``gpus: N > 1, nodes: 1``: the finetune pod requests N GPUs and runs N torchrun processes (DDP).
+    - ``nodes: M > 1``: the finetune task submits a Kubeflow Trainer job of M nodes x ``gpus`` processes
+      and waits for it; the pod itself needs no GPU.
+    """
+
+    gpus: int = Field(1, ge=1, description="processes (and GPUs) per node; > 1 runs DDP under torchrun")
+    nodes: int = Field(1, ge=1, description="> 1 submits a Kubeflow Trainer job of this many nodes")
+    job_api: Literal["trainjob", "pytorchjob"] = Field(
+        "trainjob",
+        description="trainjob: Kubeflow Trainer v2 (trainer.kubeflow.org/v1alpha1 TrainJob); pytorchjob: "
+        "the older training operator (kubeflow.org/v1 PyTorchJob)",
+    )
+    runtime: str = Field(
+        "torch-distributed", description="the Trainer ClusterTrainingRuntime a TrainJob uses"
+    )
+    namespace: str | None = Field(
+        None, description="where the job runs (default: the pipeline pod's namespace)"
+    )
+    job_timeout_seconds: int = Field(12 * 3600, ge=60, description="how long the task waits for the job")
+
+
 class ClusterConfig(Section):
     """Placement and runtime settings for Kubeflow; all of them land in the compiled IR."""
 
@@ -86,6 +111,7 @@ class ClusterConfig(Section):
         default_factory=dict,
         description="plain env for every stage, e.g. MLFLOW_TRACKING_URI, ADAPTFLOW_S3_ENDPOINT_URL",
     )
+    finetune: FinetuneScaling = FinetuneScaling()
     retry: Retry = Retry()
     retry_stages: tuple[str, ...] = ("baseline", "finetune", "export")
     timeouts: dict[str, int] = Field(
