@@ -6,12 +6,15 @@ so the same files work as KFP artifacts on a cluster and as plain folders on a l
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema
 
 from adaptflow.config import BackboneSpec
+from adaptflow.data.snapshot_store import TABLES_KEY, Rows, as_rows, load_tables, save_tables
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
@@ -71,21 +74,61 @@ class QuarantineEntry(BaseModel):
     reason: str
 
 
+_EntryRows = Annotated[
+    Rows[ManifestEntry],
+    PlainValidator(lambda value: as_rows(ManifestEntry, value)),
+    PlainSerializer(lambda rows: [r.model_dump() for r in rows]),
+    WithJsonSchema({"type": "array", "items": ManifestEntry.model_json_schema()}),
+]
+_QuarantineRows = Annotated[
+    Rows[QuarantineEntry],
+    PlainValidator(lambda value: as_rows(QuarantineEntry, value)),
+    PlainSerializer(lambda rows: [r.model_dump() for r in rows]),
+    WithJsonSchema({"type": "array", "items": QuarantineEntry.model_json_schema()}),
+]
+
+
 class Snapshot(Contract):
-    """What ingest produced: an immutable, fingerprinted view of the dataset."""
+    """What ingest produced: an immutable, fingerprinted view of the dataset.
+
+    Saved as ``snapshot.json`` (metadata) beside Parquet files of its entries and quarantined files
+    (``data/snapshot_store.py``); ``load`` reads the metadata only, ``split`` reads one split's rows,
+    ``entries`` reads them all once. An older ``snapshot.json`` with its entries inline still loads.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     FILE: ClassVar[str] = "snapshot.json"
 
     source_uri: str
     class_names: tuple[str, ...]
-    entries: tuple[ManifestEntry, ...]
-    quarantined: tuple[QuarantineEntry, ...] = ()
+    entries: _EntryRows
+    quarantined: _QuarantineRows = Field(default_factory=lambda: Rows(QuarantineEntry, items=()))
     fingerprint: str
     counts: dict[str, int]
     class_counts: dict[str, dict[str, int]] = Field(description="split -> class -> count")
 
     def split(self, name: Split) -> list[ManifestEntry]:
-        return [e for e in self.entries if e.split == name]
+        entries: Sequence[ManifestEntry] = self.entries
+        if isinstance(entries, Rows):
+            return entries.where("split", name)
+        return [e for e in entries if e.split == name]  # set by model_copy(update=...) as a tuple
+
+    def save(self, folder: str | Path) -> Path:
+        metadata = self.model_dump(mode="json", exclude={"entries", "quarantined"})
+        tables: dict[str, tuple[type[BaseModel], Sequence[Any]]] = {
+            "entries": (ManifestEntry, self.entries),
+            "quarantined": (QuarantineEntry, self.quarantined),
+        }
+        return save_tables(Path(folder), metadata, tables, self.FILE)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Snapshot:
+        document = json.loads((Path(folder) / cls.FILE).read_text())
+        if TABLES_KEY in document:
+            models: dict[str, type[BaseModel]] = {"entries": ManifestEntry, "quarantined": QuarantineEntry}
+            document = load_tables(Path(folder), document, models)
+        return cls.model_validate(document)
 
 
 class CostFigures(BaseModel):

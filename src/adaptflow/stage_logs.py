@@ -89,8 +89,11 @@ def log_ingest(
             "adaptflow.change_reason": reason,
         }
     )
+    from adaptflow.data.snapshot_store import saved_files
+
     mlflow.log_artifact(str(out / "quarantine.csv"))
-    mlflow.log_artifact(str(out / Snapshot.FILE))
+    for name in saved_files(out, Snapshot.FILE):  # snapshot.json loads only beside its Parquet files
+        mlflow.log_artifact(str(out / name))
     mlflow.MlflowClient(ctx.tracking_uri).set_tag(
         ctx.parent_run_id, "adaptflow.data_fingerprint", snapshot.fingerprint
     )

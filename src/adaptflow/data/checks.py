@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -72,6 +73,59 @@ def confine_local(path: Path, roots: tuple[Path, ...]) -> tuple[Path | None, str
     if not target.is_file():  # a FIFO would block the reader, a device might never end
         return None, f"{shown}: not a regular file"
     return target, None
+
+
+class LocalConfinement:
+    """``confine_local`` for many files, with the file's ``lstat`` (its size and mtime key ingest's
+    verdict cache): each folder is resolved once, each plain file costs one ``lstat``. Anything
+    unusual (a symlink, a missing file, a name that is not UTF-8) goes through ``confine_local``."""
+
+    def __init__(self, roots: tuple[Path, ...]) -> None:
+        self.roots = roots
+        self._root_prefixes = tuple("/" if str(r) == "/" else f"{r}/" for r in roots)
+        self._folders: dict[str, str] = {}
+        self._bases: dict[str, str | None] = {}
+
+    def folder_base(self, folder: str) -> str | None:
+        """``folder`` resolved once, with a trailing ``/`` (a file's target is this plus its name),
+        when that lies inside a root; None when it does not or cannot be resolved."""
+        base = self._bases.get(folder, "")
+        if base == "":
+            try:
+                base = os.path.realpath(folder or ".").rstrip("/") + "/"
+            except (ValueError, OSError):  # a NUL byte; realpath is not strict, so errors are rare
+                base = None
+            if base is not None and not base.startswith(self._root_prefixes):
+                base = None
+            self._bases[folder] = base
+        return base
+
+    def check(self, path: str) -> tuple[str | None, os.stat_result | None, str | None]:
+        """(the resolved file, its stat, None), or (None, None, why it may not be read)."""
+        folder, name = os.path.split(path)
+        try:
+            path.encode("utf-8")
+            resolved = self._folders.get(folder)
+            if resolved is None:
+                resolved = self._folders[folder] = os.path.realpath(folder or ".")
+            if name in ("", ".", ".."):
+                raise ValueError(name)
+            info = os.lstat(path)
+        except (ValueError, OSError):  # UnicodeEncodeError is a ValueError
+            return self._slow(path)
+        target = f"{resolved.rstrip('/')}/{name}"
+        if not stat.S_ISREG(info.st_mode) or not target.startswith(self._root_prefixes):
+            return self._slow(path)
+        return target, info, None
+
+    def _slow(self, path: str) -> tuple[str | None, os.stat_result | None, str | None]:
+        target, reason = confine_local(Path(path), self.roots)
+        if target is None:
+            return None, None, reason
+        try:
+            return str(target), os.stat(target), None
+        except OSError as error:
+            return None, None, f"{printable(path)}: cannot stat: {error.strerror or error}"
 
 
 def _scheme(uri: str) -> str:

@@ -1,153 +1,50 @@
 """The ingest stage: source URI -> validated, split, fingerprinted snapshot.
 
 Sources: a local ImageFolder directory, ``s3://bucket/prefix`` in ImageFolder layout, or a
-CSV/JSONL manifest whose rows name an image (``uri`` or ``path``) and its ``label``.
-Every image is fully decoded; unreadable files are quarantined with a reason, never fatal, and so
-are files outside the allowed roots, schemes and hosts (``data/checks.py``), never opened.
+CSV/JSONL manifest whose rows name an image (``uri`` or ``path``), its ``label`` and optionally its
+``sha256``. Every new or changed image is fully decoded, in worker processes; a file whose stamp
+(size and mtime, ETag, the manifest's sha256) matches the verdict cache keeps its earlier verdict
+(``data/verdicts.py``). Unreadable files are quarantined with a reason, never fatal, and so are
+files outside the allowed roots, schemes and hosts (``data/checks.py``), never opened. The listing
+(``data/listing.py``) is built and held as Arrow columns, a batch at a time, so a million files cost
+columns and one ``lstat`` each, not a million Python objects.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
-from collections import Counter
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adaptflow.config import IngestConfig
 from adaptflow.contracts import SPLITS, ManifestEntry, QuarantineEntry, Snapshot, Split
-from adaptflow.data.checks import allowed_roots, confine_local, fetch, is_utf8, manifest_target, printable
-from adaptflow.data.images import ImageDecodeError, decode_image, resize_limit
-from adaptflow.errors import DataError, StoreError
+from adaptflow.cpus import cpu_budget
+from adaptflow.data.assemble import assemble
+from adaptflow.data.listing import MANIFEST_SUFFIXES, class_folders, list_source, missing_source
+from adaptflow.data.snapshot_store import Rows
+from adaptflow.data.verdicts import (
+    CHUNK_ROWS,
+    CheckSettings,
+    VerdictCache,
+    cached_verdicts,
+    iter_checked,
+    split_bucket,
+    unique_rows,
+    verdict_batch,
+    verdict_schema,
+)
+from adaptflow.errors import DataError
 from adaptflow.logs import console
 from adaptflow.progress import track
-from adaptflow.storage import is_s3, iter_s3_objects, local_path, sha256_bytes
+from adaptflow.storage import is_s3, local_path
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
-
-MANIFEST_SUFFIXES = (".csv", ".jsonl")
-
-
-@dataclass(frozen=True)
-class SourceItem:
-    uri: str
-    label: str
-    etag: str | None = None
-    reason: str | None = None  # refused before reading: quarantined, never opened
-
-
-def _has_extension(name: str, extensions: tuple[str, ...]) -> bool:
-    return name.lower().endswith(tuple(e.lower() for e in extensions))
-
-
-def _class_folders(root: Path) -> list[str]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DataError(
-            f"{root} has no class folders",
-            hint="lay images out as ImageFolder: <root>/<class name>/<image files>, or pass a manifest",
-        )
-    bad_names = [printable(name) for name in classes if not is_utf8(name)]
-    if bad_names:  # a class name goes into JSON, MLflow and the model's metadata
-        raise DataError(
-            f"class folder names are not valid UTF-8: {', '.join(bad_names)}",
-            hint="rename those folders; the folder name is the class name",
-        )
-    return classes
-
-
-def _scan_local_imagefolder(root: Path, cfg: IngestConfig) -> tuple[list[SourceItem], list[str]]:
-    classes = _class_folders(root)
-    roots = allowed_roots(root, cfg)
-    items: list[SourceItem] = []
-    for name in classes:
-        folder = root / name
-        if not any(folder.resolve().is_relative_to(r) for r in roots):
-            # the folder itself is a symlink out of the data root: do not even list it
-            _, reason = confine_local(folder, roots)
-            items.append(SourceItem(printable(folder), name, reason=reason))
-            continue
-        for path in sorted(folder.rglob("*")):
-            if path.name.startswith(".") or not _has_extension(path.name, cfg.extensions):
-                continue
-            if path.is_dir() and not path.is_symlink():
-                continue
-            # symlinks (loops, links out of the root) and FIFOs are quarantined, not skipped or read
-            target, reason = confine_local(path, roots)
-            if target is None:
-                items.append(SourceItem(printable(path), name, reason=reason))
-            else:
-                items.append(SourceItem(str(target), name))
-    return items, classes
-
-
-def _scan_s3_imagefolder(prefix_uri: str, cfg: IngestConfig) -> tuple[list[SourceItem], list[str]]:
-    base = prefix_uri.rstrip("/") + "/"
-    items: list[SourceItem] = []
-    for obj in iter_s3_objects(prefix_uri, cfg.s3_max_attempts):
-        relative = PurePosixPath(obj.uri[len(base) :])
-        if len(relative.parts) < 2 or not _has_extension(relative.name, cfg.extensions):
-            continue  # objects at the prefix root have no class; non-images are skipped
-        items.append(SourceItem(obj.uri, relative.parts[0], obj.etag))
-    classes = sorted({item.label for item in items})
-    if not classes:
-        raise DataError(
-            f"no images found under {prefix_uri}",
-            hint="expected s3://bucket/prefix/<class name>/<image files>",
-        )
-    return items, classes
-
-
-def _manifest_rows(path: Path) -> Iterator[dict[str, object]]:
-    try:
-        if path.suffix.lower() == ".jsonl":
-            with open(path, encoding="utf-8") as handle:
-                for number, line in enumerate(handle, start=1):
-                    if line.strip():
-                        try:
-                            row = json.loads(line)
-                        except json.JSONDecodeError as error:
-                            raise DataError(f"{path}:{number}: not valid JSON: {error}") from None
-                        if not isinstance(row, dict):
-                            raise DataError(
-                                f"{path}:{number}: expected a JSON object, got {type(row).__name__}"
-                            )
-                        yield row
-        else:
-            with open(path, newline="", encoding="utf-8") as handle:
-                yield from csv.DictReader(handle)
-    except UnicodeDecodeError as error:
-        raise DataError(f"manifest {path} is not valid UTF-8: {error}", hint="save it as UTF-8") from None
-
-
-def _scan_manifest(path: Path, cfg: IngestConfig) -> tuple[list[SourceItem], list[str]]:
-    roots = allowed_roots(path.parent, cfg)
-    items: list[SourceItem] = []
-    for number, row in enumerate(_manifest_rows(path), start=1):
-        raw = str(row.get("uri") or row.get("path") or "").strip()
-        label = str(row.get("label") or "").strip()
-        if not raw or not label:
-            raise DataError(
-                f"{path}: row {number} needs a 'uri' (or 'path') and a 'label'",
-                hint='manifest columns: uri,label (CSV header) or {"uri": ..., "label": ...} per JSONL line',
-            )
-        uri, reason = manifest_target(raw, path, roots, cfg)
-        items.append(SourceItem(uri, label, reason=reason and f"{path.name} row {number}: {reason}"))
-    classes = sorted({item.label for item in items})
-    if not classes:
-        raise DataError(f"manifest {path} has no rows")
-    return items, classes
-
-
-def _missing_source(source_uri: str) -> DataError:
-    return DataError(
-        f"data source {source_uri} does not exist or is not a folder or a .csv/.jsonl manifest",
-        hint="pass --data with an ImageFolder directory, s3://bucket/prefix, or a manifest file",
-    )
 
 
 def check_source(source_uri: str) -> None:
@@ -159,27 +56,13 @@ def check_source(source_uri: str) -> None:
     if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
         return
     if not path.is_dir():
-        raise _missing_source(source_uri)
-    _class_folders(path)
-
-
-def scan_source(source_uri: str, cfg: IngestConfig) -> tuple[list[SourceItem], list[str]]:
-    """Lists (uri, label) for every candidate image, and the class names."""
-    if is_s3(source_uri):
-        if source_uri.lower().endswith(MANIFEST_SUFFIXES):
-            raise DataError(f"{source_uri}: download S3 manifests first or list them locally")
-        return _scan_s3_imagefolder(source_uri, cfg)
-    path = local_path(source_uri)
-    if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
-        return _scan_manifest(path, cfg)
-    if path.is_dir():
-        return _scan_local_imagefolder(path, cfg)
-    raise _missing_source(source_uri)
+        raise missing_source(source_uri)
+    class_folders(path)
 
 
 def assign_split(sha256: str, cfg: IngestConfig) -> Split:
     """Deterministic by content: a file keeps its split as the dataset grows; duplicates never straddle."""
-    bucket = int(hashlib.sha256(f"{cfg.split_salt}:{sha256}".encode()).hexdigest()[:12], 16) / float(1 << 48)
+    bucket = split_bucket(sha256, cfg.split_salt)
     if bucket < cfg.test_fraction:
         return "test"
     if bucket < cfg.test_fraction + cfg.val_fraction:
@@ -195,44 +78,71 @@ def fingerprint(pairs: Iterable[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class _Checked:
-    item: SourceItem
-    sha256: str | None
-    size: tuple[int, int] | None
-    reason: str | None
+def _verdicts(
+    listing: pa.Table, cfg: IngestConfig, resize_size: int | None, cache: VerdictCache | None, location: str
+) -> pa.Table:
+    """Every listed file that was not refused, with its verdict: cached where its stamp matches,
+    else checked now (in worker processes). Writes the new cache."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    todo = listing.filter(pc.is_null(listing["reason"])).drop_columns(["reason"])
+    cached = cache.read(location) if cache is not None else None
+    hits, misses = cached_verdicts(todo, cached) if cached is not None else (None, todo)
+    settings = CheckSettings(cfg, resize_size)
+    workers = max(1, min(cpu_budget().cpus, 32))
+    chunks = (
+        list(zip(part["uri"].to_pylist(), part["expected"].to_pylist(), strict=True))
+        for part in (misses.slice(i, CHUNK_ROWS) for i in range(0, misses.num_rows, CHUNK_ROWS))
+    )
+    total = -(-misses.num_rows // CHUNK_ROWS)
+    checked: dict[int, pa.RecordBatch] = {}
+    for start, verdicts in track(
+        iter_checked(chunks, settings, workers, misses.num_rows), total=total, description="ingest"
+    ):
+        checked[start] = verdict_batch(verdicts)
+    columns = ["sha256", "width", "height", "bucket", "reason", "cacheable"]
+    new = pa.Table.from_batches([checked[i] for i in sorted(checked)], schema=verdict_batch([]).schema)
+    misses = misses.select(["uri", "label", "stamp", "etag"])
+    for name in columns:
+        misses = misses.append_column(name, new[name])
+    if cache is not None:
+        cache.hits, cache.checked = (hits.num_rows if hits is not None else 0), misses.num_rows
+        cache.checked_uris = misses["uri"].to_pylist() if misses.num_rows <= 100_000 else []
+        fresh = misses.filter(pc.and_(misses["cacheable"], pc.is_valid(misses["stamp"])))
+        keep = [fresh.select(verdict_schema().names)]
+        if hits is not None:
+            keep.insert(0, hits.select(verdict_schema().names))
+        table = pa.concat_tables(keep).cast(verdict_schema())
+        cache.write(location, unique_rows(table, ["uri", "stamp"]))
+        log.info("ingest: %d verdicts from the cache, %d files checked", cache.hits, cache.checked)
+    misses = misses.drop_columns(["cacheable"])
+    if hits is None:
+        return misses
+    return pa.concat_tables([hits.select(misses.column_names).cast(misses.schema), misses])
 
 
-def _check(item: SourceItem, cfg: IngestConfig, resize_size: int | None) -> _Checked:
-    if item.reason is not None:
-        return _Checked(item, None, None, item.reason)
-    name = PurePosixPath(item.uri).name or item.uri  # reasons name the file
-    try:
-        data = fetch(item.uri, cfg)
-    except StoreError as error:
-        return _Checked(item, None, None, f"{name}: unreadable: {error.message}")
-    sha = sha256_bytes(data)
-    resize, resized_limit = resize_limit(cfg.max_image_pixels, resize_size)
-    try:
-        image = decode_image(
-            data,
-            cfg.max_image_pixels,
-            max_aspect_ratio=cfg.max_aspect_ratio,
-            resize_size=resize,
-            max_resized_pixels=resized_limit,
-        )
-    except ImageDecodeError as error:
-        return _Checked(item, sha, None, f"{name}: {error}")
-    return _Checked(item, sha, image.size, None)
-
-
-def ingest(source_uri: str, cfg: IngestConfig, resize_size: int | None = None) -> Snapshot:
+def ingest(
+    source_uri: str, cfg: IngestConfig, resize_size: int | None = None, verdicts: VerdictCache | None = None
+) -> Snapshot:
     """Validates, de-duplicates, splits and fingerprints the images at ``source_uri``.
 
     ``resize_size``: the run's ``Preprocessing.resize_size`` where known, so images whose resized
     size would exceed ``max_image_pixels`` are quarantined exactly; without it, see ``resize_limit``.
+    ``verdicts``: where the previous runs' verdicts are kept; only files new or changed since are
+    opened. The files are held as Arrow columns throughout, never as a Python object each.
     """
-    items, declared_classes = scan_source(source_uri, cfg)
+    import pyarrow.compute as pc
+
+    listing, declared = list_source(source_uri, cfg)
+    declared_classes = declared if declared is not None else sorted(pc.unique(listing["label"]).to_pylist())
+    if not declared_classes:
+        raise DataError(
+            f"no images found under {source_uri}"
+            if is_s3(source_uri)
+            else f"manifest {source_uri} has no rows",
+            hint="expected s3://bucket/prefix/<class name>/<image files>, or a manifest with uri,label rows",
+        )
     if len(declared_classes) < 2:
         raise DataError(
             f"{source_uri} has only one class ({', '.join(map(repr, declared_classes))}); "
@@ -240,54 +150,17 @@ def ingest(source_uri: str, cfg: IngestConfig, resize_size: int | None = None) -
             hint="add a folder (or manifest label) per class, each with ingest.min_images_per_class images",
         )
     log.info(
-        "ingest: %d candidate files in %d classes from %s", len(items), len(declared_classes), source_uri
+        "ingest: %d candidate files in %d classes from %s",
+        listing.num_rows,
+        len(declared_classes),
+        source_uri,
     )
-    with ThreadPoolExecutor(max_workers=cfg.download_workers) as pool:
-        checked = list(
-            track(
-                pool.map(lambda it: _check(it, cfg, resize_size), items),
-                total=len(items),
-                description="ingest",
-            )
-        )
+    location = verdicts.location(source_uri, cfg, resize_size) if verdicts is not None else ""
+    checked = _verdicts(listing, cfg, resize_size, verdicts, location)
+    refused = listing.filter(pc.is_valid(listing["reason"])).select(["uri", "reason"])
+    parts = assemble(checked, refused, cfg)
 
-    quarantined: list[QuarantineEntry] = []
-    by_sha: dict[str, list[_Checked]] = {}
-    for result in checked:
-        if result.reason is not None:
-            quarantined.append(QuarantineEntry(uri=result.item.uri, reason=result.reason))
-        else:
-            assert result.sha256 is not None
-            by_sha.setdefault(result.sha256, []).append(result)
-
-    entries: list[ManifestEntry] = []
-    for sha, copies in sorted(by_sha.items()):
-        labels = sorted({c.item.label for c in copies})
-        if len(labels) > 1:
-            for c in copies:
-                quarantined.append(
-                    QuarantineEntry(uri=c.item.uri, reason=f"same content labelled {' and '.join(labels)}")
-                )
-            continue
-        keep, *dupes = sorted(copies, key=lambda c: c.item.uri)
-        for d in dupes:
-            quarantined.append(
-                QuarantineEntry(uri=d.item.uri, reason=f"duplicate content of {keep.item.uri}")
-            )
-        assert keep.size is not None
-        entries.append(
-            ManifestEntry(
-                uri=keep.item.uri,
-                sha256=sha,
-                label=keep.item.label,
-                split=assign_split(sha, cfg),
-                width=keep.size[0],
-                height=keep.size[1],
-                etag=keep.item.etag,
-            )
-        )
-
-    per_class = Counter(e.label for e in entries)
+    per_class = parts.class_counts_total()
     problems = [
         f"class {name!r} has {per_class.get(name, 0)} valid images (minimum {cfg.min_images_per_class})"
         for name in declared_classes
@@ -298,11 +171,7 @@ def ingest(source_uri: str, cfg: IngestConfig, resize_size: int | None = None) -
             "not enough data: " + "; ".join(problems),
             hint="add images to those classes, remove the class folders, or lower ingest.min_images_per_class",
         )
-
-    entries.sort(key=lambda e: (e.label, e.uri))
-    class_counts: dict[str, dict[str, int]] = {s: dict.fromkeys(declared_classes, 0) for s in SPLITS}
-    for e in entries:
-        class_counts[e.split][e.label] += 1
+    class_counts = parts.class_counts(declared_classes)
     for split in ("train", "test"):
         missing = [c for c, n in class_counts[split].items() if n == 0]
         if missing:
@@ -312,17 +181,17 @@ def ingest(source_uri: str, cfg: IngestConfig, resize_size: int | None = None) -
     snapshot = Snapshot(
         source_uri=source_uri,
         class_names=tuple(declared_classes),
-        entries=tuple(entries),
-        quarantined=tuple(sorted(quarantined, key=lambda q: q.uri)),
-        fingerprint=fingerprint((e.sha256, e.label) for e in entries),
+        entries=Rows(ManifestEntry, table=parts.entries),
+        quarantined=Rows(QuarantineEntry, table=parts.quarantined),
+        fingerprint=parts.fingerprint(),
         counts={s: sum(class_counts[s].values()) for s in SPLITS},
         class_counts=class_counts,
     )
     console().info(
         "ingest: %d images (%s), %d quarantined, fingerprint %s",
-        len(entries),
+        parts.entries.num_rows,
         ", ".join(f"{k}={v}" for k, v in snapshot.counts.items()),
-        len(quarantined),
+        parts.quarantined.num_rows,
         snapshot.fingerprint[:12],
     )
     return snapshot if cfg.train_per_class is None else subsample_train(snapshot, cfg.train_per_class)

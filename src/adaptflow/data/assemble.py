@@ -1,0 +1,130 @@
+"""Ingest's last step, on Arrow columns: verdicts -> the snapshot's entries, quarantine and fingerprint.
+
+The rules are the ones ingest always had: a file with a reason is quarantined; files with the same
+content and different labels are all quarantined; of identical files with one label the first by URI
+is kept and the rest are quarantined as duplicates; the split follows the content (``split_bucket``);
+the fingerprint is the sha256 over the sorted (sha256, label) pairs. Only the duplicates, normally
+few, become Python objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from adaptflow.config import IngestConfig
+from adaptflow.contracts import SPLITS
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+ENTRY_COLUMNS = ["uri", "sha256", "label", "split", "width", "height", "etag"]
+
+
+@dataclass(frozen=True)
+class SnapshotTables:
+    entries: pa.Table  # ManifestEntry's columns, sorted by (label, uri)
+    quarantined: pa.Table  # uri, reason; sorted by uri
+
+    def fingerprint(self) -> str:
+        """``ingest.fingerprint`` over these entries, without a Python string per entry: the
+        ``sha\\tlabel\\n`` lines are built in Arrow and their bytes fed to sha256 as they lie."""
+        import pyarrow.compute as pc
+
+        digest = hashlib.sha256()
+        ordered = self.entries.sort_by([("sha256", "ascending"), ("label", "ascending")])
+        for batch in ordered.select(["sha256", "label"]).to_batches(max_chunksize=1 << 16):
+            lines = pc.binary_join_element_wise(batch["sha256"], batch["label"], "\t")
+            lines = pc.binary_join_element_wise(lines, "", "\n")
+            data = lines.buffers()[2]
+            if data is not None and len(lines):
+                first, last = _span(lines)
+                digest.update(memoryview(data)[first:last])
+        return digest.hexdigest()
+
+    def class_counts_total(self) -> dict[str, int]:
+        return _value_counts(self.entries["label"])
+
+    def class_counts(self, classes: list[str]) -> dict[str, dict[str, int]]:
+        import pyarrow.compute as pc
+
+        found: dict[str, dict[str, int]] = {s: dict.fromkeys(classes, 0) for s in SPLITS}
+        for split in SPLITS:
+            in_split = self.entries.filter(pc.equal(self.entries["split"], split))
+            found[split].update(_value_counts(in_split["label"]))
+        return found
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    """How often each value occurs (a hash count: Table.group_by would load Acero, and pandas)."""
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(column)
+    return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True))
+
+
+def _span(lines: pa.Array) -> tuple[int, int]:
+    """Where a string array's characters lie in its data buffer (it may be a slice of a larger one)."""
+    import numpy as np
+
+    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32)
+    return int(offsets[lines.offset]), int(offsets[lines.offset + len(lines)])
+
+
+def _split_column(bucket: pa.ChunkedArray, cfg: IngestConfig) -> pa.ChunkedArray:
+    """``assign_split`` on every row at once, from the bucket the check stored."""
+    import pyarrow.compute as pc
+
+    val_end = cfg.test_fraction + cfg.val_fraction  # the same float sum assign_split compares with
+    in_val = pc.if_else(pc.less(bucket, val_end), "val", "train")
+    return pc.if_else(pc.less(bucket, cfg.test_fraction), "test", in_val)
+
+
+def _duplicates(rows: list[dict[str, object]]) -> tuple[list[dict[str, object]], list[tuple[str, str]]]:
+    """Rows sharing a sha256 -> (the rows kept, (uri, reason) of those quarantined)."""
+    by_sha: dict[str, list[dict[str, object]]] = {}
+    for row in rows:
+        by_sha.setdefault(str(row["sha256"]), []).append(row)
+    kept: list[dict[str, object]] = []
+    quarantined: list[tuple[str, str]] = []
+    for copies in by_sha.values():
+        labels = sorted({str(c["label"]) for c in copies})
+        if len(labels) > 1:
+            reason = f"same content labelled {' and '.join(labels)}"
+            quarantined.extend((str(c["uri"]), reason) for c in copies)
+            continue
+        keep, *dupes = sorted(copies, key=lambda c: str(c["uri"]))
+        quarantined.extend((str(d["uri"]), f"duplicate content of {keep['uri']}") for d in dupes)
+        kept.append(keep)
+    return kept, quarantined
+
+
+def assemble(checked: pa.Table, refused: pa.Table, cfg: IngestConfig) -> SnapshotTables:
+    """``checked``: uri, label, stamp, etag and the verdict columns; ``refused``: uri, reason."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    quarantine_schema = pa.schema([("uri", pa.string()), ("reason", pa.string())])
+    bad = checked.filter(pc.is_valid(checked["reason"])).select(["uri", "reason"])
+    valid = checked.filter(pc.is_null(checked["reason"]))
+    valid = valid.append_column("split", _split_column(valid["bucket"], cfg))
+    valid = valid.select(ENTRY_COLUMNS)
+    counts = pc.value_counts(valid["sha256"])
+    shared = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    is_shared = pc.is_in(valid["sha256"], value_set=shared)
+    kept, dupes = _duplicates(valid.filter(is_shared).to_pylist())
+    entries = pa.concat_tables(
+        [valid.filter(pc.invert(is_shared)), pa.Table.from_pylist(kept, schema=valid.schema)]
+    )
+    quarantined = pa.concat_tables(
+        [
+            refused.cast(quarantine_schema),
+            bad.cast(quarantine_schema),
+            pa.Table.from_pylist([{"uri": u, "reason": r} for u, r in dupes], schema=quarantine_schema),
+        ]
+    )
+    return SnapshotTables(
+        entries=entries.sort_by([("label", "ascending"), ("uri", "ascending")]).combine_chunks(),
+        quarantined=quarantined.sort_by("uri").combine_chunks(),
+    )

@@ -1,0 +1,367 @@
+"""Ingest's listing: a source's candidate files as Arrow tables, a batch of rows at a time.
+
+A listed file is its URI, label, *stamp* (the version key of the verdict cache), ETag, the sha256 a
+manifest names, and the reason it is refused (``data/checks.py``), if it is. At a million files the
+listing is what a rerun mostly costs, so a local file costs one ``lstat`` (run by a few I/O threads:
+``lstat`` releases the GIL and waits on the disk or the network file system) and everything else is
+an Arrow kernel over the batch: a CSV or JSONL manifest is read by pyarrow, paths are joined and
+split as columns and each folder is resolved once. Only rows that are not plain files inside a root
+(a symlink, a missing file, a URL, a name that is not UTF-8) go one by one through the checks that
+name the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from operator import attrgetter
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from adaptflow.config import IngestConfig
+from adaptflow.data.checks import LocalConfinement, allowed_roots, is_utf8, manifest_target, printable
+from adaptflow.data.manifests import manifest_batches
+from adaptflow.errors import DataError
+from adaptflow.storage import is_s3, iter_s3_objects, local_path
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+#: one listed file: uri, label, stamp (its version key), etag, the manifest's sha256, refusal reason
+Listed = tuple[str, str, str | None, str | None, str | None, str | None]
+LISTING_COLUMNS = ("uri", "label", "stamp", "etag", "expected", "reason")
+BATCH_ROWS = 64 * 1024
+#: paths per chunk of stats, and the stat time above which chunks go to I/O threads
+STAT_CHUNK = 2048
+SLOW_STAT_S = 50e-6
+FILE_TYPE_BITS = 0o170000  # what stat.S_IFMT masks
+
+
+def listing_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([(name, pa.string()) for name in LISTING_COLUMNS])
+
+
+def listed_table(rows: list[Listed]) -> pa.Table:
+    import pyarrow as pa
+
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(LISTING_COLUMNS)
+    return pa.table([pa.array(list(c), pa.string()) for c in columns], schema=listing_schema())
+
+
+def _in_order(parts: list[tuple[np.ndarray, pa.Table]]) -> pa.Table:
+    """Tables of rows taken from one batch at ``positions`` -> one table in the batch's order."""
+    import pyarrow as pa
+
+    parts = [(positions, table) for positions, table in parts if len(positions)]
+    if len(parts) == 1:
+        return parts[0][1]
+    if not parts:
+        return listing_schema().empty_table()
+    order = np.argsort(np.concatenate([positions for positions, _ in parts]), kind="stable")
+    return pa.concat_tables([table for _, table in parts]).take(order)
+
+
+def _has_extension(name: str, extensions: tuple[str, ...]) -> bool:
+    return name.lower().endswith(tuple(e.lower() for e in extensions))
+
+
+Stats = tuple[np.ndarray, np.ndarray, np.ndarray]  # sizes, mtimes in ns, rows to check one by one
+
+
+def _stat_chunk(paths: list[str]) -> Stats:
+    """A plain file costs one lstat; the loop runs in C (map) unless a path needs a closer look."""
+    try:
+        if not all(map(str.isascii, paths)):
+            raise ValueError("a name that is not ASCII")  # UTF-8, or surrogates from another system
+        infos = list(map(os.lstat, paths))
+    except (OSError, ValueError):  # a missing file, a NUL byte
+        return _stat_each(paths)
+    count = len(infos)
+    modes = np.fromiter(map(attrgetter("st_mode"), infos), np.int64, count)
+    sizes = np.fromiter(map(attrgetter("st_size"), infos), np.int64, count)
+    mtimes = np.fromiter(map(attrgetter("st_mtime_ns"), infos), np.int64, count)
+    return sizes, mtimes, (modes & FILE_TYPE_BITS) != stat.S_IFREG  # a symlink, a FIFO, a folder
+
+
+def _stat_each(paths: list[str]) -> Stats:
+    sizes, mtimes = np.zeros(len(paths), np.int64), np.zeros(len(paths), np.int64)
+    slow = np.ones(len(paths), bool)
+    for i, path in enumerate(paths):
+        try:
+            path.encode("utf-8")  # a name from another system (surrogates) is refused one by one
+            info = os.lstat(path)
+        except (OSError, ValueError):  # UnicodeEncodeError is a ValueError
+            continue
+        if stat.S_ISREG(info.st_mode):
+            sizes[i], mtimes[i], slow[i] = info.st_size, info.st_mtime_ns, False
+    return sizes, mtimes, slow
+
+
+def _folder_and_name(paths: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """Each path split at its last slash, as ``os.path.split`` does, but the folder keeps a trailing
+    slash (so that ``/x`` is in ``/``) and is empty for a bare name (which is in the working folder)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    parts = pc.split_pattern(paths, "/", max_splits=1, reverse=True)  # [folder, name] or [name]
+    offsets = parts.offsets.to_numpy()[: len(paths) + 1]  # a fresh array: no slice offset to undo
+    flat = parts.values
+    names = flat.take(offsets[1:] - 1)
+    in_folder = pa.array(np.diff(offsets) == 2)
+    heads = pc.binary_join_element_wise(flat.take(offsets[:-1]), pa.scalar(""), "/")
+    return pc.if_else(in_folder, heads, pa.scalar("")), names
+
+
+class LocalFiles:
+    """Local paths -> listed rows, a batch at a time (see the module's docstring)."""
+
+    def __init__(
+        self,
+        confinement: LocalConfinement,
+        pool: ThreadPoolExecutor | None,
+        refused_prefix: Callable[[int], str] | None = None,
+    ) -> None:
+        self.confinement = confinement
+        self.pool = pool
+        self.threaded: bool | None = None  # decided on the first paths
+        self.refused_prefix = refused_prefix  # row number -> what a manifest's refusals start with
+
+    def _stats(self, paths: list[str]) -> Stats:
+        spans = [paths[i : i + STAT_CHUNK] for i in range(0, len(paths), STAT_CHUNK)]
+        parts: list[Stats] = []
+        if self.threaded is None and spans:
+            # threads pay where a stat waits on storage (a network file system); on a local disk a
+            # stat is microseconds of CPU, and threads only contend for the GIL
+            began = time.perf_counter()
+            parts.append(_stat_chunk(spans[0]))
+            self.threaded = (time.perf_counter() - began) / len(spans[0]) > SLOW_STAT_S
+            spans = spans[1:]
+        if self.threaded and self.pool is not None and len(spans) > 1:
+            parts += self.pool.map(_stat_chunk, spans)
+        else:
+            parts += map(_stat_chunk, spans)
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
+        return tuple(np.concatenate([part[k] for part in parts]) for k in range(3))  # type: ignore[return-value]
+
+    def table(
+        self, paths: list[str], labels: pa.Array, expected: pa.Array | None, numbers: np.ndarray | None
+    ) -> pa.Table:
+        """``numbers``: each path's manifest row number, for the refusal reasons."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        sizes, mtimes, slow = self._stats(paths)
+        named = [p if p.isascii() or is_utf8(p) else "" for p in paths] if slow.any() else paths
+        folders, names = _folder_and_name(pa.array(named, pa.string()))
+        folders = folders.dictionary_encode()
+        bases = [self.confinement.folder_base(folder) for folder in folders.dictionary.to_pylist()]
+        inside = pc.take(pa.array([b is not None for b in bases]), folders.indices)
+        plain_name = pc.invert(pc.is_in(names, value_set=pa.array(["", ".", ".."])))
+        fast = pc.fill_null(pc.and_(inside, plain_name), False).to_numpy(zero_copy_only=False) & ~slow
+        uri = pc.binary_join_element_wise(pc.take(pa.array(bases, pa.string()), folders.indices), names, "")
+        stamp = pc.binary_join_element_wise(pc.cast(sizes, pa.string()), pc.cast(mtimes, pa.string()), ":")
+        if expected is None:
+            expected = pa.nulls(len(paths), pa.string())
+        else:
+            with_sha = pc.binary_join_element_wise(stamp, expected, "|sha256:")
+            stamp = pc.if_else(pc.is_valid(expected), with_sha, stamp)
+        nulls = pa.nulls(len(paths), pa.string())
+        columns = [uri, labels, stamp, nulls, expected, nulls]
+        listed = pa.table(columns, schema=listing_schema()).filter(pa.array(fast))
+        others = np.flatnonzero(~fast)
+        if not len(others):
+            return listed
+        label_list, expected_list = labels.take(others).to_pylist(), expected.take(others).to_pylist()
+        rows = []
+        for i, label, sha in zip(others.tolist(), label_list, expected_list, strict=True):
+            row = self.row(paths[i], label, sha)
+            if row[5] is not None and numbers is not None and self.refused_prefix is not None:
+                row = (*row[:5], self.refused_prefix(int(numbers[i])) + row[5])
+            rows.append(row)
+        return _in_order([(np.flatnonzero(fast), listed), (others, listed_table(rows))])
+
+    def row(self, path: str, label: str, expected: str | None = None) -> Listed:
+        """One file through the full checks, which name why it is refused."""
+        target, info, reason = self.confinement.check(path)
+        if target is None or info is None:
+            return printable(Path(path)), label, None, None, None, reason
+        stamp = f"{info.st_size}:{info.st_mtime_ns}" + (f"|sha256:{expected.lower()}" if expected else "")
+        return target, label, stamp, None, expected, None
+
+
+def class_folders(root: Path) -> list[str]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"{root} has no class folders",
+            hint="lay images out as ImageFolder: <root>/<class name>/<image files>, or pass a manifest",
+        )
+    bad_names = [printable(name) for name in classes if not is_utf8(name)]
+    if bad_names:  # a class name goes into JSON, MLflow and the model's metadata
+        raise DataError(
+            f"class folder names are not valid UTF-8: {', '.join(bad_names)}",
+            hint="rename those folders; the folder name is the class name",
+        )
+    return classes
+
+
+def _walk(folder: str, extensions: tuple[str, ...]) -> Iterator[str]:
+    """What ``sorted(Path(folder).rglob("*"))`` gave, filtered as ingest always did (no dot files,
+    image extensions, no real folders; symlinks kept for the checks to refuse), without a Path each:
+    a depth-first walk with each folder's entries sorted, which is the same order."""
+    try:
+        with os.scandir(folder) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+    except PermissionError:  # rglob skipped unreadable folders too
+        return
+    for entry in entries:
+        real_folder = entry.is_dir(follow_symlinks=False)
+        name = entry.name
+        if not real_folder and not name.startswith(".") and _has_extension(name, extensions):
+            yield f"{folder}/{name}"
+        if real_folder:  # rglob does not follow symlinked folders
+            yield from _walk(f"{folder}/{name}", extensions)
+
+
+def _list_local_imagefolder(
+    root: Path, classes: list[str], cfg: IngestConfig, pool: ThreadPoolExecutor
+) -> Iterator[pa.Table]:
+    import pyarrow as pa
+
+    files = LocalFiles(LocalConfinement(allowed_roots(root, cfg)), pool)
+    paths: list[str] = []
+    labels: list[str] = []
+    for name in classes:
+        folder = root / name
+        if not any(folder.resolve().is_relative_to(r) for r in files.confinement.roots):
+            # the folder itself is a symlink out of the data root: do not even list it
+            yield listed_table([files.row(str(folder), name)])
+            continue
+        for path in _walk(str(folder), cfg.extensions):
+            paths.append(path)
+            labels.append(name)
+            if len(paths) == BATCH_ROWS:
+                yield files.table(paths, pa.array(labels, pa.string()), None, None)
+                paths, labels = [], []
+    if paths:
+        yield files.table(paths, pa.array(labels, pa.string()), None, None)
+
+
+def _list_s3_imagefolder(prefix_uri: str, cfg: IngestConfig) -> Iterator[pa.Table]:
+    base = prefix_uri.rstrip("/") + "/"
+    rows: list[Listed] = []
+    for obj in iter_s3_objects(prefix_uri, cfg.s3_max_attempts):
+        relative = PurePosixPath(obj.uri[len(base) :])
+        if len(relative.parts) < 2 or not _has_extension(relative.name, cfg.extensions):
+            continue  # objects at the prefix root have no class; non-images are skipped
+        stamp = f"etag:{obj.etag}:{obj.size}" if obj.etag else None
+        rows.append((obj.uri, relative.parts[0], stamp, obj.etag, None, None))
+        if len(rows) == BATCH_ROWS:
+            yield listed_table(rows)
+            rows = []
+    if rows:
+        yield listed_table(rows)
+
+
+def _list_manifest(path: Path, cfg: IngestConfig, pool: ThreadPoolExecutor) -> Iterator[pa.Table]:
+    """A batch of rows at a time. An optional ``sha256`` column names each file's content: it keys
+    the verdict cache and the check confirms it. Relative paths are relative to the manifest."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    roots = allowed_roots(path.parent, cfg)
+    files = LocalFiles(LocalConfinement(roots), pool, lambda number: f"{path.name} row {number}: ")
+    folder = str(path.parent)
+    folder = folder if folder.endswith("/") else folder + "/"
+    first = 1
+    for raw, label, sha in manifest_batches(path, BATCH_ROWS):
+        incomplete = pc.or_(pc.equal(pc.utf8_length(raw), 0), pc.equal(pc.utf8_length(label), 0))
+        if pc.any(incomplete).as_py():
+            number = first + int(np.flatnonzero(incomplete.to_numpy(zero_copy_only=False))[0])
+            raise DataError(
+                f"{path}: row {number} needs a 'uri' (or 'path') and a 'label'",
+                hint='manifest columns: uri,label (CSV header) or {"uri": ..., "label": ...} per JSONL line',
+            )
+        remote = pc.match_substring(raw, "://").to_numpy(zero_copy_only=False)
+        local, urls = np.flatnonzero(~remote), np.flatnonzero(remote)
+        parts = []
+        if len(local):
+            plain = raw.take(local) if len(urls) else raw
+            joined = pc.binary_join_element_wise(pa.scalar(folder), plain, "")
+            full = pc.if_else(pc.starts_with(plain, "/"), plain, joined).to_pylist()
+            numbers = local + first
+            parts.append((local, files.table(full, label.take(local), sha.take(local), numbers)))
+        if len(urls):
+            rows = [
+                _url_row(files, path, roots, cfg, r, lab, s, number)
+                for r, lab, s, number in zip(
+                    raw.take(urls).to_pylist(),
+                    label.take(urls).to_pylist(),
+                    sha.take(urls).to_pylist(),
+                    (urls + first).tolist(),
+                    strict=True,
+                )
+            ]
+            parts.append((urls, listed_table(rows)))
+        yield _in_order(parts)
+        first += len(raw)
+
+
+def _url_row(
+    files: LocalFiles,
+    manifest: Path,
+    roots: tuple[Path, ...],
+    cfg: IngestConfig,
+    raw: str,
+    label: str,
+    expected: str | None,
+    number: int,
+) -> Listed:
+    uri, reason = manifest_target(raw, manifest, roots, cfg)
+    if reason is None and not (is_s3(uri) or uri.startswith(("http://", "https://"))):
+        listed = files.row(uri, label, expected)  # file://
+    else:
+        stamp = f"sha256:{expected}" if expected and reason is None else None
+        listed = uri, label, stamp, None, expected, reason
+    if listed[5] is not None:
+        listed = (*listed[:5], f"{manifest.name} row {number}: {listed[5]}")
+    return listed
+
+
+def missing_source(source_uri: str) -> DataError:
+    return DataError(
+        f"data source {source_uri} does not exist or is not a folder or a .csv/.jsonl manifest",
+        hint="pass --data with an ImageFolder directory, s3://bucket/prefix, or a manifest file",
+    )
+
+
+def list_source(source_uri: str, cfg: IngestConfig) -> tuple[pa.Table, list[str] | None]:
+    """(the candidate files, the class names where the layout declares them)."""
+    import pyarrow as pa
+
+    declared = None
+    with ThreadPoolExecutor(cfg.download_workers, thread_name_prefix="ingest-stat") as pool:
+        if is_s3(source_uri):
+            if source_uri.lower().endswith(MANIFEST_SUFFIXES):
+                raise DataError(f"{source_uri}: download S3 manifests first or list them locally")
+            tables = _list_s3_imagefolder(source_uri, cfg)
+        else:
+            path = local_path(source_uri)
+            if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
+                tables = _list_manifest(path, cfg, pool)
+            elif path.is_dir():
+                declared = class_folders(path)
+                tables = _list_local_imagefolder(path, declared, cfg, pool)
+            else:
+                raise missing_source(source_uri)
+        listing = pa.concat_tables([listing_schema().empty_table(), *tables])
+    return listing.combine_chunks(), declared

@@ -1,0 +1,283 @@
+"""Ingest's verdict cache, and the checks of the files it misses, run in worker processes.
+
+A verdict is what checking one file found: ok (sha256, width, height and its split bucket) or
+quarantined with a reason. It is keyed by the file's URI and a *stamp*, a version key the listing
+gives for free: ``size:mtime_ns`` for a local file, ``etag:...`` for an S3 object, and
+``sha256:...`` where a manifest row names its content (the check then confirms that sha256). A row
+without a stamp (an http URL, an S3 key named by a manifest without a sha256) is checked every run.
+
+The cache is one Parquet file per source and per check setting, under ``<workdir>/cache/ingest-verdicts``
+or, on a cluster, ``<cluster.pipeline_root>/cache/ingest-verdicts``: the workdir of a pipeline pod
+is gone when the pod is, the pipeline root is the storage every run of the pipeline shares. It holds
+the verdicts of the latest run only, so removed files leave it. An unreadable cache is a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from adaptflow.config import IngestConfig
+from adaptflow.data.checks import fetch
+from adaptflow.data.images import ImageDecodeError, decode_image, resize_limit
+from adaptflow.errors import StoreError
+from adaptflow.storage import (
+    is_http,
+    is_s3,
+    local_path,
+    read_bytes,
+    s3_client,
+    sha256_bytes,
+    split_s3,
+    write_atomic,
+)
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from adaptflow.config import Settings
+
+log = logging.getLogger(__name__)
+
+#: bump when the check itself changes (new limits, another decoder): every cached verdict is then stale
+CHECK_VERSION = 1
+#: below this many misses the files are checked in this process: a pool costs more than it saves
+POOL_THRESHOLD = 256
+CHUNK_ROWS = 256
+
+
+def verdict_cache_root(settings: Settings) -> str:
+    """Where verdicts live between runs: the pipeline root when one is set, else the local workdir."""
+    if settings.cluster.pipeline_root:
+        return settings.cluster.pipeline_root.rstrip("/") + "/cache/ingest-verdicts"
+    return str(Path(settings.workdir).resolve() / "cache" / "ingest-verdicts")
+
+
+def verdict_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("uri", pa.string()),
+            ("stamp", pa.string()),
+            ("sha256", pa.string()),
+            ("width", pa.int64()),
+            ("height", pa.int64()),
+            ("bucket", pa.float64()),
+            ("reason", pa.string()),
+        ]
+    )
+
+
+@dataclass
+class VerdictCache:
+    """The verdicts of one source under ``root``; ``hits`` and ``checked`` count the last ingest."""
+
+    root: str
+    hits: int = 0
+    checked: int = 0
+    checked_uris: list[str] = field(default_factory=list)
+
+    def location(self, source_uri: str, cfg: IngestConfig, resize_size: int | None) -> str:
+        # the verdict depends on the check's settings and the split on the salt: they are in the key
+        settings = [source_uri, CHECK_VERSION, cfg.max_image_pixels, cfg.max_aspect_ratio, resize_size]
+        settings.append(cfg.split_salt)
+        key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:24]
+        return f"{self.root.rstrip('/')}/{key}.parquet"
+
+    def read(self, location: str) -> pa.Table | None:
+        import pyarrow.parquet as pq
+
+        try:
+            # ParquetFile, not read_table: read_table goes through pyarrow.dataset, which imports pandas
+            if is_s3(location):
+                data = read_bytes(location)
+                table = pq.ParquetFile(io.BytesIO(data)).read()
+            elif local_path(location).exists():
+                table = pq.ParquetFile(local_path(location)).read()
+            else:
+                return None
+            return table.select(verdict_schema().names).cast(verdict_schema())
+        except StoreError as error:
+            log.info("ingest: no verdict cache at %s (%s): checking every file", location, error.message)
+        except Exception as error:  # a torn or foreign file: the cache is only ever a shortcut
+            log.warning("ingest: verdict cache %s is unreadable (%s); checking every file", location, error)
+        return None
+
+    def write(self, location: str, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        buffer = io.BytesIO()
+        # no dictionaries: URIs, stamps and sha256s are unique, and trying to dictionary-encode them
+        # costs as much as writing them
+        pq.write_table(table.cast(verdict_schema()), buffer, compression="zstd", use_dictionary=False)
+        try:
+            if is_s3(location):
+                bucket, key = split_s3(location)
+                s3_client().put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
+            else:
+                write_atomic(local_path(location), lambda handle: handle.write(buffer.getvalue()))
+        except Exception as error:  # a cache that cannot be written costs the next run time, not this run
+            log.warning("ingest: cannot write the verdict cache %s: %s", location, error)
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """What a worker process needs to check a file (small: it is pickled with every chunk)."""
+
+    cfg: IngestConfig
+    resize_size: int | None
+
+
+def split_bucket(sha256: str, salt: str) -> float:
+    """Where a file's content falls in [0, 1): ``assign_split`` compares it with the fractions."""
+    return int(hashlib.sha256(f"{salt}:{sha256}".encode()).hexdigest()[:12], 16) / float(1 << 48)
+
+
+Verdict = tuple[str | None, int | None, int | None, float | None, str | None, bool]
+
+
+def check_file(
+    uri: str, expected_sha256: str | None, settings: CheckSettings, data: bytes | StoreError | None = None
+) -> Verdict:
+    """(sha256, width, height, bucket, reason, cacheable): the full check of one file's bytes."""
+    cfg = settings.cfg
+    name = PurePosixPath(uri).name or uri  # reasons name the file
+    if data is None:
+        try:
+            data = fetch(uri, cfg)
+        except StoreError as error:
+            data = error
+    if isinstance(data, StoreError):  # perhaps transient: never cached
+        return None, None, None, None, f"{name}: unreadable: {data.message}", False
+    sha = sha256_bytes(data)
+    if expected_sha256 is not None and sha != expected_sha256.lower():
+        return sha, None, None, None, f"{name}: sha256 {sha[:12]}… differs from the manifest's", True
+    resize, resized_limit = resize_limit(cfg.max_image_pixels, settings.resize_size)
+    try:
+        image = decode_image(
+            data,
+            cfg.max_image_pixels,
+            max_aspect_ratio=cfg.max_aspect_ratio,
+            resize_size=resize,
+            max_resized_pixels=resized_limit,
+        )
+    except ImageDecodeError as error:
+        return sha, None, None, None, f"{name}: {error}", True
+    return sha, image.size[0], image.size[1], split_bucket(sha, cfg.split_salt), None, True
+
+
+def check_chunk(rows: list[tuple[str, str | None]], settings: CheckSettings) -> list[Verdict]:
+    """A worker's unit: remote bytes are fetched by a few threads (I/O), decoded one by one (CPU)."""
+    remote = [uri for uri, _ in rows if is_s3(uri) or is_http(uri)]
+    fetched: dict[str, bytes | StoreError] = {}
+    if len(remote) > 1 and settings.cfg.download_workers > 1:
+        threads = min(len(remote), max(1, settings.cfg.download_workers // 2))
+
+        def get(uri: str) -> bytes | StoreError:
+            try:
+                return fetch(uri, settings.cfg)
+            except StoreError as error:
+                return error
+
+        with ThreadPoolExecutor(threads) as pool:
+            fetched = dict(zip(remote, pool.map(get, remote), strict=True))
+    return [check_file(uri, sha, settings, fetched.get(uri)) for uri, sha in rows]
+
+
+def iter_checked(
+    chunks: Iterable[list[tuple[str, str | None]]], settings: CheckSettings, workers: int, rows: int
+) -> Iterator[tuple[int, list[Verdict]]]:
+    """(chunk number, its verdicts) for every chunk of (uri, expected sha256), in completion order.
+
+    In this process when there are few rows, else in ``workers`` processes (decoding is CPU work that
+    threads would serialise on the GIL), a bounded number of chunks in flight so that the pending
+    work never holds every row at once.
+    """
+    if rows < POOL_THRESHOLD or workers <= 1:
+        for number, chunk in enumerate(chunks):
+            yield number, check_chunk(chunk, settings)
+        return
+    # fork, as the training loaders do: workers start at once; storage drops S3 clients at fork
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        pending: dict[Future[list[Verdict]], int] = {}
+        for number, chunk in enumerate(chunks):
+            pending[pool.submit(check_chunk, chunk, settings)] = number
+            while len(pending) >= 4 * workers:
+                yield from _collect(pending)
+        while pending:
+            yield from _collect(pending)
+
+
+def _collect(pending: dict[Future[list[Verdict]], int]) -> Iterator[tuple[int, list[Verdict]]]:
+    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+    for future in done:
+        yield pending.pop(future), future.result()
+
+
+def verdict_batch(verdicts: list[Verdict]) -> pa.RecordBatch:
+    import pyarrow as pa
+
+    names = ["sha256", "width", "height", "bucket", "reason", "cacheable"]
+    kinds = [pa.string(), pa.int64(), pa.int64(), pa.float64(), pa.string(), pa.bool_()]
+    columns = list(zip(*verdicts, strict=True)) if verdicts else [()] * len(names)
+    arrays = [pa.array(list(c), kind) for c, kind in zip(columns, kinds, strict=True)]
+    return pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+def row_keys(table: pa.Table, keys: list[str]) -> pa.Array:
+    """Each row's ``keys`` as one string, every part but the last prefixed with its length so that
+    no two rows with different values share a key; null where a part is null. A hash lookup on one
+    column needs no join engine (Acero loads pyarrow.dataset, and that loads pandas)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    parts = []
+    for name in keys[:-1]:
+        column = pc.cast(table[name], pa.string())
+        parts += [pc.cast(pc.utf8_length(column), pa.string()), column]
+    parts.append(pc.cast(table[keys[-1]], pa.string()))
+    joined = pc.binary_join_element_wise(*parts, ":") if len(parts) > 1 else parts[0]
+    return joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
+
+
+def unique_rows(table: pa.Table, keys: list[str]) -> pa.Table:
+    """``table`` with one row per distinct ``keys`` (the first): a manifest may list a file twice."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pc.count_distinct(row_keys(table, keys)).as_py() == table.num_rows:
+        return table  # the usual case, without a group-by
+    numbered = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    first = numbered.group_by(keys, use_threads=False).aggregate([("_row", "min")])["_row_min"]
+    if len(first) == table.num_rows:
+        return table
+    return table.take(pc.take(first, pc.sort_indices(first)))
+
+
+def cached_verdicts(todo: pa.Table, cached: pa.Table) -> tuple[pa.Table | None, pa.Table]:
+    """(the rows of ``todo`` whose uri and stamp are in the cache, with their verdict; the others),
+    each in ``todo``'s order. A row without a stamp never hits; a cache holding a key twice is not
+    trusted (everything misses)."""
+    import pyarrow.compute as pc
+
+    cached_keys = row_keys(cached, ["uri", "stamp"])
+    if pc.count_distinct(cached_keys, mode="all").as_py() != cached.num_rows:
+        return None, todo
+    where = pc.index_in(row_keys(todo, ["uri", "stamp"]), value_set=cached_keys, skip_nulls=True)
+    hit = pc.is_valid(where)
+    hits = todo.filter(hit)
+    found = cached.take(where.filter(hit))
+    for name in ("sha256", "width", "height", "bucket", "reason"):
+        hits = hits.append_column(name, found[name])
+    return hits, todo.filter(pc.invert(hit))
