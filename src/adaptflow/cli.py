@@ -144,10 +144,17 @@ def pretrain(
     seed: Annotated[int, typer.Option(metavar="N", help="random seed")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Pretrain a backbone on a source task; writes weights + <file>.json (sha256, preprocessing)."""
+    """Pretrain a backbone on a source task; writes weights + <file>.json (sha256, preprocessing).
+
+    Under ``torchrun --nproc-per-node N -m adaptflow.cli pretrain ...`` it trains with DDP; rank 0 writes
+    the weights and prints the result.
+    """
+    from adaptflow.training.distributed import torchrun_world
     from adaptflow.training.pretrain import pretrain as run_pretrain
 
     result = run_pretrain(data, backbone, out, epochs=epochs, input_size=input_size, seed=seed)
+    if not torchrun_world().is_main:
+        return
     emit(
         {
             "weights": str(result.weights_path),

@@ -9,6 +9,7 @@ only copies bytes (a quarter of the float32 size) into pinned memory.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from adaptflow.config import FinetuneConfig
 from adaptflow.contracts import Preprocessing
 from adaptflow.training.decoded import DecodedImages
+from adaptflow.training.distributed import World, eval_shard, per_rank_batch, train_sampler
 
 
 class DecodedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -58,13 +60,16 @@ def decoded_loader(
     seed: int = 0,
     num_workers: int | None = None,
     drop_last: bool = False,
+    sampler: Iterable[int] | None = None,
 ) -> DataLoader[Any]:
+    """``sampler``: the indices to draw (e.g. one rank's share); it replaces ``shuffle``."""
     workers = default_workers(decoded) if num_workers is None else num_workers
     cuda = torch.cuda.is_available()
     return DataLoader(
         DecodedDataset(decoded),
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else None,
+        sampler=sampler,  # type: ignore[arg-type]
         generator=torch.Generator().manual_seed(seed),
         num_workers=workers,
         collate_fn=whole_batch,
@@ -119,19 +124,42 @@ def train_batches(pre: Preprocessing, augment: bool) -> BatchTransform:
 
 
 def finetune_train_loader(
-    decoded: DecodedImages, cfg: FinetuneConfig, batch_size: int, seed: int
+    decoded: DecodedImages, cfg: FinetuneConfig, batch_size: int, seed: int, world: World | None = None
 ) -> DataLoader[Any]:
     """The loader fine-tuning trains from; the cost estimate times the same one."""
+    return shuffled_loader(decoded, batch_size, seed, world, num_workers=cfg.num_workers)
+
+
+def shuffled_loader(
+    decoded: DecodedImages,
+    batch_size: int,
+    seed: int,
+    world: World | None = None,
+    num_workers: int | None = None,
+) -> DataLoader[Any]:
+    """Training batches, shuffled per epoch from ``seed`` and the epoch (the loop calls ``set_epoch``).
+
+    ``batch_size`` is the global batch: under torchrun each of the ``world``'s ranks takes its share of
+    every batch, so a step trains on the same images for any number of processes."""
+    world = world or World()
+    per_rank = per_rank_batch(batch_size, world.world_size)
+    sampler = train_sampler(len(decoded), seed, world)
     return decoded_loader(
         decoded,
-        batch_size=batch_size,
+        batch_size=per_rank,
         shuffle=True,
         seed=seed,
-        num_workers=cfg.num_workers,
+        num_workers=num_workers,
         # a trailing batch of one image breaks BatchNorm in train mode (freeze_bn=false, scratch)
-        drop_last=len(decoded) % batch_size == 1,
+        drop_last=len(sampler) % per_rank == 1,
+        sampler=sampler,
     )
 
 
-def eval_loader(decoded: DecodedImages, batch_size: int = 256) -> DataLoader[Any]:
-    return decoded_loader(decoded, batch_size=batch_size, shuffle=False)
+def eval_loader(decoded: DecodedImages, batch_size: int = 256, world: World | None = None) -> DataLoader[Any]:
+    """Evaluation batches in order; with a ``world``, this rank's shard (training/distributed.py)."""
+    if world is None or not world.distributed:
+        return decoded_loader(decoded, batch_size=batch_size, shuffle=False)
+    return decoded_loader(
+        decoded, batch_size=batch_size, shuffle=False, sampler=eval_shard(len(decoded), world)
+    )

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from torch.utils.data import DataLoader
 
 from adaptflow.contracts import EpochRecord
 from adaptflow.errors import Interrupted
+
+if TYPE_CHECKING:
+    from adaptflow.config import FinetuneConfig, Settings
 
 log = logging.getLogger(__name__)
 
@@ -249,3 +252,22 @@ def stage_checkpointer(
         mirror = f"{pipeline_root.rstrip('/')}/checkpoints/{name}"
     folder = Path(root) if root else scratch_dir
     return Checkpointer(folder / name, identity, every_steps, min_seconds, mirror=mirror)
+
+
+def finetune_checkpointer(
+    settings: Settings, cfg: FinetuneConfig, fingerprint: str, out_dir: Path
+) -> Checkpointer:
+    """The finetune stage's checkpoint, for the stage's step and each of its distributed workers.
+
+    The same data, config, strategy and seed find the same file, so a rerun or a retried task resumes;
+    the number of processes is not part of it (a step is one global batch for any number of them).
+    """
+    identity = f"{fingerprint}|{settings.config_hash()}|{cfg.strategy}|{settings.seed}"
+    return stage_checkpointer(
+        "finetune",
+        identity,
+        pipeline_root=settings.cluster.pipeline_root,
+        scratch_dir=Path(out_dir).parent / "checkpoint",
+        every_steps=cfg.checkpoint_every_steps,
+        min_seconds=cfg.checkpoint_min_seconds,
+    )

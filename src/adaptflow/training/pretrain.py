@@ -24,8 +24,9 @@ from adaptflow.data.ingest import ingest
 from adaptflow.logs import console
 from adaptflow.models.factory import build_torchvision
 from adaptflow.models.weights import save_weights_file
-from adaptflow.training.batches import decoded_loader, eval_batches, eval_loader, train_batches
+from adaptflow.training.batches import eval_batches, eval_loader, shuffled_loader, train_batches
 from adaptflow.training.decoded import decode_split
+from adaptflow.training.distributed import World, from_main, training_world
 from adaptflow.training.loop import evaluate_loader, fit
 from adaptflow.training.runtime import pick_device, seed_everything
 
@@ -62,10 +63,31 @@ def pretrain(
     seed: int = 0,
     device: str = "auto",
 ) -> PretrainResult:
+    """Trains ``backbone`` on the source task in ``data_dir`` and writes its weights file.
+
+    Under torchrun the ranks share each batch of ``batch_size`` (training/distributed.py) and rank 0
+    alone writes the file; every rank returns the same result.
+    """
+    with training_world(pick_device(device)) as (world, dev):
+        return _pretrain(data_dir, backbone, out_file, world, dev, input_size, epochs, batch_size, lr, seed)
+
+
+def _pretrain(
+    data_dir: str | Path,
+    backbone: str,
+    out_file: str | Path,
+    world: World,
+    dev: torch.device,
+    input_size: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> PretrainResult:
     start = time.perf_counter()
-    configure_threads()
+    if not world.distributed:  # under torchrun the launcher sized each process's threads
+        configure_threads()
     seed_everything(seed)
-    dev = pick_device(device)
     snapshot = ingest(str(data_dir), IngestConfig())
     store = ImageStore()
     classes = snapshot.class_names
@@ -77,13 +99,15 @@ def pretrain(
     pre = sized.model_copy(update={"mean": mean, "std": std})
 
     net = build_torchvision(backbone, num_classes=len(classes)).to(dev)
-    loader = decoded_loader(decoded["train"], batch_size=batch_size, shuffle=True, seed=seed)
+    loader = shuffled_loader(decoded["train"], batch_size, seed, world)
+    if world.distributed:
+        seed_everything(seed + world.rank)  # each rank its own augmentation; DDP copies rank 0's weights
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     result = fit(
         net,
         loader,
-        eval_loader(decoded["val"]),
+        eval_loader(decoded["val"], world=world),
         optimizer,
         epochs=epochs,
         patience=epochs,
@@ -108,14 +132,19 @@ def pretrain(
         "seed": seed,
     }
     out = Path(out_file)
-    sha = save_weights_file(net.state_dict(), out, meta)
-    sidecar = {
-        "file": out.name,
-        "sha256": sha,
-        **meta,
-    }
-    out.with_name(out.name + ".json").write_text(json.dumps(sidecar, indent=2))
+    sha = ""
+    if world.is_main:
+        sha = save_weights_file(net.state_dict(), out, meta)
+        sidecar = {
+            "file": out.name,
+            "sha256": sha,
+            **meta,
+        }
+        out.with_name(out.name + ".json").write_text(json.dumps(sidecar, indent=2))
+    sha = from_main(sha)
     seconds = time.perf_counter() - start
+    if not world.is_main:
+        return PretrainResult(out, sha, result.best_val_accuracy, test_acc, seconds, meta)
     console().info(
         "pretrain: %s val acc %.4f test acc %.4f sha256 %s (%.0fs)",
         out,

@@ -7,6 +7,7 @@ evaluation pass reads its sums once at the end.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -33,6 +34,19 @@ def evaluate_loader(
 ) -> tuple[float, float]:
     """(mean loss, accuracy). ``transform`` turns the loader's uint8 batches into model input on
     ``device`` (training/batches.py). Out of memory halves the images per forward pass."""
+    loss_sum, correct, seen = evaluate_sums(model, loader, device, amp, channels_last, transform)
+    return float(loss_sum) / max(seen, 1), int(correct) / max(seen, 1)
+
+
+def evaluate_sums(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp: bool,
+    channels_last: bool = False,
+    transform: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(summed loss, correct count, images), the sums on the device: what ranks add up under DDP."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -48,7 +62,7 @@ def evaluate_loader(
             loss_sum += criterion(logits, y)  # summed on the device: one host read per pass
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-    return float(loss_sum) / max(seen, 1), int(correct) / max(seen, 1)
+    return loss_sum, correct, seen
 
 
 def on_device(
@@ -78,6 +92,7 @@ def train_step(
     channels_last: bool = False,
     micro_batch: int | None = None,
     skipped: torch.Tensor | None = None,
+    reduce_gradients: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch; (mean loss, logits). The cost estimate times this same step.
 
@@ -85,6 +100,8 @@ def train_step(
     gradients accumulate, so the step is the full batch's (up to BatchNorm's per-pass statistics).
     A non-finite loss or gradient raises :class:`Diverged` before the optimizer step; or, where
     :func:`skips_on_device`, the step is skipped on the device and counted in ``skipped``.
+    ``reduce_gradients`` (DDP: the mean over the ranks) runs on the gradients before that check, so
+    every rank takes the same decision.
     """
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if channels_last:
@@ -105,6 +122,8 @@ def train_step(
     # A non-finite loss gives non-finite gradients, so one fused norm over every gradient catches
     # both before anything reaches the weights.
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if reduce_gradients is not None:
+        reduce_gradients(grads)
     finite = torch.isfinite(total)
     if grads:
         finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
