@@ -194,6 +194,21 @@ class FinetuneConfig(Section):
         "(the CPUs the process may use)",
     )
     compile: bool = Field(False, description="run training through torch.compile (opt-in: it compiles first)")
+    data_source: Literal["decoded", "shards"] = Field(
+        "decoded",
+        description="decoded: each split decoded once into one uint8 file (it fits one disk); shards: "
+        "WebDataset tar shards under shards_root, streamed and decoded per shard into a bounded cache",
+    )
+    shards_root: str | None = Field(
+        None, description="shards: where the shard step writes (s3://bucket/prefix)"
+    )
+    shard_bytes: int = Field(256_000_000, ge=1_000_000, description="shards: target size of one tar shard")
+    shard_cache_dir: str | None = Field(
+        None, description="shards: the decoded-shard cache; null: <decoded cache>/shards"
+    )
+    shard_cache_bytes: int = Field(
+        20 << 30, ge=1 << 20, description="shards: decoded-shard cache limit (LRU)"
+    )
     accumulation_steps: int = Field(
         1, ge=1, description="split each batch into this many passes and add up their gradients (less memory)"
     )

@@ -6,12 +6,15 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from adaptflow.config import FinetuneConfig
-from adaptflow.contracts import BaselineResult, Candidate, Snapshot
+from adaptflow.contracts import BaselineResult, Candidate, Preprocessing, Snapshot
 from adaptflow.data.images import ImageStore
+from adaptflow.errors import ConfigError
 from adaptflow.logs import console
 from adaptflow.models.factory import count_parameters
 from adaptflow.signals import StopRequest
@@ -19,6 +22,7 @@ from adaptflow.training.batches import eval_batches, eval_loader, finetune_train
 from adaptflow.training.candidates import load_candidate, save_candidate
 from adaptflow.training.checkpoint import Checkpointer
 from adaptflow.training.decoded import decode_split
+from adaptflow.training.distributed import World, training_world
 from adaptflow.training.loop import fit
 from adaptflow.training.runtime import pick_device, reset_peak_memory, seed_everything
 from adaptflow.training.schedule import schedule_from_signals
@@ -28,6 +32,9 @@ from adaptflow.training.strategies import (
     plan_strategy,
     schedule_epochs,
 )
+
+if TYPE_CHECKING:
+    from adaptflow.training.shard_loader import ShardLoader
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +51,53 @@ class FinetuneInputs:
     decoded_cache_dir: Path | None = None  # decoded images the baseline wrote (training/decoded.py)
 
 
+def shard_loaders(
+    inputs: FinetuneInputs, pre: Preprocessing, batch_size: int, store: ImageStore, distributed: bool
+) -> tuple[ShardLoader, ShardLoader]:
+    """Train and validation loaders streaming the snapshot's shards (``finetune.data_source: shards``).
+
+    The shard step wrote them (a HEAD per shard finds them); without it they are written here.
+    """
+    from adaptflow.cpus import cpu_budget
+    from adaptflow.data.shards import write_split_shards
+    from adaptflow.training.shard_loader import shard_loader
+
+    cfg = inputs.cfg
+    if distributed:  # ranks reading shards[rank::world] get unequal step counts, and DDP's collectives hang
+        raise ConfigError(
+            "finetune.data_source=shards does not run under several processes yet",
+            hint="use finetune.data_source=decoded with cluster.finetune.gpus or nodes > 1, or train from "
+            "shards in one process (its DataLoader workers each stream their own shards)",
+        )
+    train, val = write_split_shards(inputs.snapshot, cfg, store)
+    cache_dir = Path(cfg.shard_cache_dir or (inputs.decoded_cache_dir or Path("cache/decoded")) / "shards")
+    workers = cfg.num_workers if cfg.num_workers is not None else min(4, cpu_budget().cpus)
+    common = {"seed": inputs.seed, "num_workers": workers}
+    return (
+        shard_loader(
+            train, pre, cache_dir, cfg.shard_cache_bytes, batch_size=batch_size, shuffle=True, **common
+        ),
+        shard_loader(val, pre, cache_dir, cfg.shard_cache_bytes, batch_size=256, shuffle=False, **common),
+    )
+
+
 def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore | None = None) -> Candidate:
+    """Fine-tunes from the baseline candidate and saves the candidate under ``out_dir``.
+
+    Under torchrun every rank trains its share of each batch (training/distributed.py); rank 0 alone
+    writes the checkpoint and the candidate, and every rank returns the same candidate record.
+    """
+    with training_world(pick_device(inputs.cfg.device)) as (world, device):
+        return _run_finetune(inputs, out_dir, store, world, device)
+
+
+def _run_finetune(
+    inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore | None, world: World, device: torch.device
+) -> Candidate:
     start = time.perf_counter()
     cfg, snapshot = inputs.cfg, inputs.snapshot
     seed_everything(inputs.seed)
     store = store or ImageStore()
-    device = pick_device(cfg.device)
     reset_peak_memory(device)
     base, model = load_candidate(inputs.baseline_candidate_dir)  # LP-FT: start from the probe's head
     plan = plan_strategy(model, cfg)
@@ -68,9 +116,27 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
         schedule.why,
         schedule.patience,
     )
-    train = decode_split(snapshot.split("train"), classes, pre, store, inputs.decoded_cache_dir)
-    val = decode_split(snapshot.split("val"), classes, pre, store, inputs.decoded_cache_dir)
-    train_loader = finetune_train_loader(train, cfg, schedule.batch_size, inputs.seed)
+    on_epoch_start = plan.on_epoch_start
+    train_loader: DataLoader[Any]
+    val_loader: DataLoader[Any]
+    if cfg.data_source == "shards":
+        # each loader worker streams its own shards into the bounded decoded-shard cache
+        shards, val_loader = shard_loaders(inputs, pre, schedule.batch_size, store, world.distributed)
+        train_loader = shards
+
+        def on_epoch_start(epoch: int) -> None:  # the epoch's shard order: a resumed run replays it
+            shards.set_epoch(epoch)
+            if plan.on_epoch_start is not None:
+                plan.on_epoch_start(epoch)
+
+    else:
+        train = decode_split(snapshot.split("train"), classes, pre, store, inputs.decoded_cache_dir)
+        val = decode_split(snapshot.split("val"), classes, pre, store, inputs.decoded_cache_dir)
+        train_loader = finetune_train_loader(train, cfg, schedule.batch_size, inputs.seed, world)
+        val_loader = eval_loader(val, world=world)
+    if world.distributed:
+        # each rank draws its own augmentation (the model is the same: DDP copies rank 0's weights)
+        seed_everything(inputs.seed + world.rank)
     # fused on CUDA: one kernel for the update, and a non-finite step is skipped without a host read
     optimizer = torch.optim.AdamW(
         plan.param_groups, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
@@ -80,7 +146,7 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
     loop = fit(
         model,
         train_loader,
-        eval_loader(val),
+        val_loader,
         optimizer,
         epochs=schedule.epochs,
         patience=schedule.patience,
@@ -88,7 +154,7 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
         amp=cfg.amp,
         channels_last=channels_last,
         scheduler=scheduler,
-        on_epoch_start=plan.on_epoch_start,
+        on_epoch_start=on_epoch_start,
         train_mode=freeze_batchnorm if cfg.freeze_bn else freeze_frozen_batchnorm,
         label=f"finetune-{cfg.strategy}",
         min_epochs=schedule_epochs(model, cfg),
@@ -129,6 +195,8 @@ def run_finetune(inputs: FinetuneInputs, out_dir: str | Path, store: ImageStore 
         },
     )
     model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    if not world.is_main:
+        return candidate
     save_candidate(candidate, model.cpu(), out_dir)
     if inputs.checkpointer is not None:
         inputs.checkpointer.remove()  # the candidate is saved: a rerun of this work starts afresh
