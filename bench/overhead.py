@@ -6,7 +6,7 @@
   processes as ``adaptflow.pipelines.local_process`` runs them); per task = the slope. Three empty
   components: ``kfp`` returns at once; ``config`` runs a step's prologue (the run's config file
   parsed, logging set up: ``adaptflow.steps._settings``, in ``reports_errors`` as every step);
-  ``stage`` is the empty stage: that prologue, the step's MLflow setup (``_open``: the pipeline run
+  ``stage`` is the empty stage: that prologue, the step's MLflow setup (``open_stage``: the pipeline run
   read from the store) and an empty nested stage run (``tracking.stage_run``). Goal: the empty stage
   at most 1.5 s per task. The split comes from one probe process doing what a component process
   does, timed inside: python start and exit, imports (kfp's executor, ``adaptflow.steps``, mlflow),
@@ -60,12 +60,12 @@ def empty_config(config_json: str, parent_run_id: str) -> str:
 
 
 def empty_stage(config_json: str, parent_run_id: str) -> str:
-    from adaptflow.steps import _open, reports_errors
+    from adaptflow.steps import open_stage, reports_errors
     from adaptflow.tracking import stage_run
 
     @reports_errors("empty")
     def step() -> None:
-        _, ctx = _open(config_json, parent_run_id, uses_torch=False)
+        _, ctx = open_stage(config_json, parent_run_id, uses_torch=False)
         with stage_run(ctx, "empty"):
             pass
 

@@ -56,6 +56,13 @@ def finetune(
     finetune_step(snapshot.path, baseline.path, config_json, parent_run_id, fingerprint, candidate.path)
 
 
+def shard(snapshot: Input[Dataset], config_json: str, parent_run_id: str, fingerprint: str, config_hash: str):
+    """Write the train and val splits as WebDataset tar shards (finetune.data_source: shards)."""
+    from adaptflow.steps import shard_step
+
+    shard_step(snapshot.path, config_json, parent_run_id)
+
+
 def keep_baseline(baseline: Input[Model], fingerprint: str, config_hash: str, candidate: Output[Model]):
     """Pass the baseline candidate on when fine-tuning is not worth it."""
     from adaptflow.steps import keep_baseline_step
@@ -151,6 +158,7 @@ class PipelineComponents:
     ingest: Any
     baseline: Any
     finetune: Any
+    shard: Any
     keep_baseline: Any
     evaluate: Any
     export: Any
@@ -168,6 +176,7 @@ def pipeline_components(base_image: str) -> PipelineComponents:
         ingest=make(ingest),
         baseline=make(baseline),
         finetune=make(finetune),
+        shard=make(shard),
         keep_baseline=make(keep_baseline),
         evaluate=make(evaluate),
         export=make(export),

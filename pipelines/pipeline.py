@@ -19,10 +19,11 @@ from kfp import compiler, dsl, kubernetes
 
 from adaptflow import __version__
 from adaptflow.config import ClusterConfig, Settings
+from adaptflow.trainjob_render import scale_quantity
 
 PIPELINE_NAME = "adaptflow"
 DEFAULT_IMAGE = f"ghcr.io/adaptflow/adaptflow:{__version__}"
-CACHEABLE = ("baseline", "finetune", "keep_baseline", "export")
+CACHEABLE = ("baseline", "shard", "finetune", "keep_baseline", "export")
 
 
 MAIN_DESCRIPTION = (
@@ -36,11 +37,32 @@ def adaptflow_dag(name: str, description: str, cluster: ClusterConfig) -> Any:
     return dsl.pipeline(name=name, description=description, pipeline_root=cluster.pipeline_root)
 
 
+def finetune_placement(cluster: ClusterConfig) -> tuple[int, str | None, str]:
+    """(GPUs, /dev/shm size, resources stage) of the finetune *task's own pod*, from ``cluster.finetune``.
+
+    - ``nodes: 1, gpus: N``: the pod runs N torchrun processes, so it asks for N GPUs (``gpus: 1`` keeps
+      ``cluster.accelerator_count``) and N times ``cluster.shm_size`` of /dev/shm: each process has its
+      own DataLoader workers, and their shared-memory batches add up.
+    - ``nodes > 1``: the pod only submits a Trainer job and waits for it; the job's pods hold the GPUs,
+      the /dev/shm and the finetune resources, so the pod itself asks for no GPU, no /dev/shm and the
+      ``default`` stage's resources.
+    """
+    scaling = cluster.finetune
+    if scaling.nodes > 1:
+        return 0, None, "default"
+    gpus = scaling.gpus if scaling.gpus > 1 else cluster.accelerator_count
+    shm = scale_quantity(cluster.shm_size, scaling.gpus) if cluster.shm_size else None
+    return gpus, shm, "finetune"
+
+
 def apply_cluster_settings(task: Any, stage: str, cluster: ClusterConfig) -> Any:
     """Resources, GPUs, placement, /dev/shm, secrets, env, retries and timeouts for one task."""
     # infra/k8s's NetworkPolicy lets only pods with this label reach the MLflow server
     kubernetes.add_pod_label(task, label_key="adaptflow.io/pipeline", label_value="true")
-    res = cluster.resources_for(stage)
+    gpus, shm_size, resources_stage = cluster.accelerator_count, cluster.shm_size, stage
+    if stage == "finetune":
+        gpus, shm_size, resources_stage = finetune_placement(cluster)
+    res = cluster.resources_for(resources_stage)
     if res.cpu_request:
         task.set_cpu_request(res.cpu_request)
     if res.cpu_limit:
@@ -49,16 +71,16 @@ def apply_cluster_settings(task: Any, stage: str, cluster: ClusterConfig) -> Any
         task.set_memory_request(res.memory_request)
     if res.memory_limit:
         task.set_memory_limit(res.memory_limit)
-    if stage in cluster.gpu_stages and cluster.accelerator_type and cluster.accelerator_count > 0:
+    if stage in cluster.gpu_stages and cluster.accelerator_type and gpus > 0:
         task.set_accelerator_type(cluster.accelerator_type)
-        task.set_accelerator_limit(cluster.accelerator_count)
+        task.set_accelerator_limit(gpus)
         for key, value in cluster.node_selector.items():
             kubernetes.add_node_selector(task, label_key=key, label_value=value)
         for t in cluster.tolerations:
             kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
-    if cluster.shm_size and stage in ("baseline", "finetune", "evaluate"):
+    if shm_size and stage in ("baseline", "finetune", "evaluate"):
         kubernetes.empty_dir_mount(
-            task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=cluster.shm_size
+            task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=shm_size
         )
     for secret in cluster.secrets:
         kubernetes.use_secret_as_env(
@@ -164,6 +186,9 @@ def build_pipeline(
             with dsl.If(baseline.outputs["should_finetune"] == True, name="finetune-pays"):  # noqa: E712
                 tuned = c.finetune(snapshot=snapshot, **candidates, **run, **cached)
                 setup(tuned, "finetune", "finetune")
+                if settings.finetune.data_source == "shards":  # streamed from object storage in shards
+                    sharded = c.shard(snapshot=snapshot, **run, **cached)
+                    tuned.after(setup(sharded, "shard", "shard (webdataset)"))
             with dsl.Else(name="keep-baseline"):
                 kept = c.keep_baseline(**candidates, **cached)
                 setup(kept, "keep_baseline", "keep baseline")

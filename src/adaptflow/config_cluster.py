@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from adaptflow.config_base import Section
 
-STAGES = ("ingest", "baseline", "finetune", "keep_baseline", "evaluate", "export", "register")
+STAGES = ("ingest", "baseline", "shard", "finetune", "keep_baseline", "evaluate", "export", "register")
 #: cluster.env travels inside the config on every stage's command line and into every pod's
 #: environment; Linux refuses one argument over 128 KiB ("Argument list too long")
 MAX_ENV_BYTES = 32 * 1024

@@ -28,7 +28,6 @@ from adaptflow.logs import console, setup_logging
 from adaptflow.signals import stop_with_parent
 from adaptflow.tracking import (
     TrackingContext,
-    flat_params,
     resolve_tracking_uri,
     run_lifecycle,
     stage_run,
@@ -117,7 +116,7 @@ def _settings(config_json: str, *, uses_torch: bool) -> Settings:
     return settings
 
 
-def _open(config_json: str, parent_run_id: str, *, uses_torch: bool) -> tuple[Settings, TrackingContext]:
+def open_stage(config_json: str, parent_run_id: str, *, uses_torch: bool) -> tuple[Settings, TrackingContext]:
     """Every step's prologue: logging, the run's settings, and the pipeline run to nest under."""
     settings = _settings(config_json, uses_torch=uses_torch)
     return settings, _context(settings, parent_run_id)
@@ -166,6 +165,7 @@ def ingest_step(
     lineage: Lineage | None = None,
 ) -> IngestOutputs:
     from adaptflow.data.ingest import ingest, write_quarantine_report
+    from adaptflow.data.verdicts import VerdictCache, verdict_cache_root
     from adaptflow.registry import change_verdict
     from adaptflow.stage_logs import log_ingest, log_pipeline_config
 
@@ -181,7 +181,8 @@ def ingest_step(
     out = Path(out_dir)
     log_pipeline_config(ctx, settings, tags, out)
     with stage_run(ctx, "ingest", {"adaptflow.data_uri": data_uri}):
-        snapshot = ingest(data_uri, settings.ingest)
+        # verdicts of files unchanged since an earlier run are reused: only new or changed files are opened
+        snapshot = ingest(data_uri, settings.ingest, verdicts=VerdictCache(verdict_cache_root(settings)))
         snapshot.save(out)
         write_quarantine_report(snapshot, out)
         model = settings.registry.model_name
@@ -200,7 +201,7 @@ def report_unchanged_step(
     from adaptflow.stage_logs import log_outcome_summary
     from adaptflow.summary import unchanged_summary
 
-    settings, ctx = _open(config_json, parent_run_id, uses_torch=False)
+    settings, ctx = open_stage(config_json, parent_run_id, uses_torch=False)
     with run_lifecycle(ctx.tracking_uri, ctx.parent_run_id):
         champion = get_champion(ctx.tracking_uri, settings.registry.model_name)
         summary = unchanged_summary(Snapshot.load(snapshot_dir), reason, champion, settings, ctx)
@@ -220,7 +221,7 @@ def baseline_step(
     from adaptflow.stage_logs import log_baseline
     from adaptflow.training.baseline import baseline_for
 
-    settings, ctx = _open(config_json, parent_run_id, uses_torch=True)
+    settings, ctx = open_stage(config_json, parent_run_id, uses_torch=True)
     with stage_run(ctx, "baseline", {"adaptflow.data_fingerprint": fingerprint}):
         result = baseline_for(Snapshot.load(snapshot_dir), settings, out_dir)
         log_baseline(ctx, settings, result, Path(out_dir))
@@ -231,37 +232,25 @@ def baseline_step(
 def finetune_step(
     snapshot_dir: str, baseline_dir: str, config_json: str, parent_run_id: str, fingerprint: str, out_dir: str
 ) -> None:
-    import mlflow
+    """Fine-tunes here, or on the processes ``cluster.finetune`` asks for (torchrun, a Trainer job)."""
+    from adaptflow.training.finetune_worker import train_finetune
+    from adaptflow.training.placement import train_elsewhere
 
-    from adaptflow.signals import stop_on_sigterm
-    from adaptflow.stage_logs import log_candidate
-    from adaptflow.training.advisor import finetune_settings
-    from adaptflow.training.checkpoint import stage_checkpointer
-    from adaptflow.training.decoded import decoded_cache_dir
-    from adaptflow.training.finetune import FinetuneInputs, run_finetune
+    settings, ctx = open_stage(config_json, parent_run_id, uses_torch=True)
+    paths = {"snapshot_dir": snapshot_dir, "baseline_dir": baseline_dir, "out_dir": out_dir}
+    run = {"config_json": config_json, "parent_run_id": ctx.parent_run_id, "fingerprint": fingerprint}
+    if not train_elsewhere(settings, **paths, **run):
+        train_finetune(settings, ctx, snapshot_dir, baseline_dir, fingerprint, out_dir)
 
-    settings, ctx = _open(config_json, parent_run_id, uses_torch=True)
-    baseline = BaselineResult.load(baseline_dir)
-    cfg = finetune_settings(settings.finetune, baseline.decision, settings.baseline.advisor)
-    tags = {"adaptflow.data_fingerprint": fingerprint, "adaptflow.strategy": cfg.strategy}
-    # the same data, config and strategy find the same checkpoint: a rerun or a retried task resumes
-    identity = f"{fingerprint}|{settings.config_hash()}|{cfg.strategy}|{settings.seed}"
-    checkpointer = stage_checkpointer(
-        "finetune",
-        identity,
-        pipeline_root=settings.cluster.pipeline_root,
-        scratch_dir=Path(out_dir).parent / "checkpoint",
-        every_steps=cfg.checkpoint_every_steps,
-        min_seconds=cfg.checkpoint_min_seconds,
-    )
-    with stage_run(ctx, "finetune", tags), stop_on_sigterm() as stop:
-        mlflow.log_params(flat_params("finetune", cfg.model_dump(mode="json")))
-        start = Path(baseline_dir) / "candidate"
-        snapshot = Snapshot.load(snapshot_dir)
-        inputs = FinetuneInputs(
-            snapshot, baseline, start, cfg, settings.seed, checkpointer, stop, decoded_cache_dir(settings)
-        )
-        log_candidate(run_finetune(inputs, out_dir), Path(out_dir))
+
+@reports_errors("shard")
+def shard_step(snapshot_dir: str, config_json: str, parent_run_id: str) -> None:
+    """The train and val splits as WebDataset tar shards under ``finetune.shards_root``, once per fingerprint."""
+    from adaptflow.data.shards import write_split_shards
+
+    settings, ctx = open_stage(config_json, parent_run_id, uses_torch=False)
+    with stage_run(ctx, "shard"):
+        write_split_shards(Snapshot.load(snapshot_dir), settings.finetune)
 
 
 @reports_errors("keep_baseline")
@@ -302,7 +291,7 @@ def evaluate_step(
     from adaptflow.evaluation import evaluate_against_champion
     from adaptflow.stage_logs import log_evaluation
 
-    settings, ctx = _open(config_json, parent_run_id, uses_torch=True)
+    settings, ctx = open_stage(config_json, parent_run_id, uses_torch=True)
     snapshot = Snapshot.load(snapshot_dir)
     with stage_run(ctx, "evaluate", {"adaptflow.data_fingerprint": fingerprint}):
         evaluation = evaluate_against_champion(
@@ -335,7 +324,7 @@ def export_step(
     from adaptflow.export import export_onnx
     from adaptflow.stage_logs import log_export
 
-    settings, ctx = _open(config_json, parent_run_id, uses_torch=True)
+    settings, ctx = open_stage(config_json, parent_run_id, uses_torch=True)
     evaluation = Evaluation.load(evaluation_dir)
     with stage_run(ctx, "export", {"adaptflow.candidate": evaluation.winner}):
         result = export_onnx(_winner_dir(evaluation, baseline_dir, selected_dir), settings.export, out_dir)
@@ -363,7 +352,7 @@ def register_step(
     from adaptflow.stage_logs import log_outcome_summary, log_registration
     from adaptflow.summary import build_summary
 
-    settings, ctx = _open(config_json, parent_run_id, uses_torch=False)
+    settings, ctx = open_stage(config_json, parent_run_id, uses_torch=False)
     snapshot, evaluation = Snapshot.load(snapshot_dir), Evaluation.load(evaluation_dir)
     export = ExportResult.load(export_dir)
     winner = Candidate.load(_winner_dir(evaluation, baseline_dir, selected_dir))
@@ -390,7 +379,7 @@ def compare_strategy_step(
     from adaptflow.compare import compare_one_strategy
     from adaptflow.stage_logs import log_outcome
 
-    settings, ctx = _open(config_json, parent_run_id, uses_torch=True)
+    settings, ctx = open_stage(config_json, parent_run_id, uses_torch=True)
     snapshot, out = Snapshot.load(snapshot_dir), Path(out_dir)
     with stage_run(ctx, f"compare-{strategy}", {"adaptflow.strategy": strategy}) as run:
         outcome = compare_one_strategy(strategy, snapshot, Path(baseline_dir), settings, out)
@@ -413,6 +402,6 @@ def compare_report_step(
     """Gathers the ParallelFor outcomes into one CompareResult + report; returns the best strategy."""
     from adaptflow.compare import gather_outcomes
 
-    settings, ctx = _open(config_json, parent_run_id, uses_torch=False)
+    settings, ctx = open_stage(config_json, parent_run_id, uses_torch=False)
     snapshot, out = Snapshot.load(snapshot_dir), Path(out_dir)
     return gather_outcomes(data_uri, snapshot, Path(baseline_dir), outcome_dirs, settings, ctx, out).best

@@ -168,3 +168,12 @@ def test_skip_branch_and_force_parameter(compiled) -> None:  # type: ignore[no-u
     assert ir["root"]["inputDefinitions"]["parameters"]["force"]["defaultValue"] is False
     params = tasks["ingest"]["inputs"]["parameters"]
     assert params["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+
+
+def test_a_shard_task_precedes_finetune_only_when_training_reads_shards(tmp_path: Path) -> None:
+    default_ir, _ = compile_ir(tmp_path, CLUSTER)
+    assert not any(name.startswith("shard") for name in all_tasks(default_ir))
+    sharded = [*CLUSTER, "finetune.data_source=shards", "finetune.shards_root=s3://ml-artifacts/shards"]
+    tasks = all_tasks(compile_ir(tmp_path, sharded)[0])
+    assert "shard" in tasks and "shard" in tasks["finetune"].get("dependentTasks", [])
+    assert tasks["shard"]["taskInfo"]["name"] == "shard (webdataset)"

@@ -230,3 +230,27 @@ def test_changed_file_after_ingest_is_detected(tiny_assets, tmp_path: Path) -> N
     Path(entry.uri).write_bytes(Path(other.uri).read_bytes())
     with pytest.raises(DataError, match="changed after ingest"):
         ImageStore().read(entry)
+
+
+def test_finetune_from_shards_sees_the_same_validation_images(baseline_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``finetune.data_source=shards``: the shards are written once, and fine-tuning trains from them."""
+    from adaptflow.data.shards import shard_set_uri
+
+    settings, snapshot, _inputs, result, work = baseline_run
+    shards = {"data_source": "shards", "shards_root": str(tmp_path / "root"), "num_workers": 0}
+    cfg = settings.finetune.model_copy(
+        update={"strategy": "partial", "epochs": 1, "augment": False, **shards}
+    )
+    cfg = cfg.model_copy(update={"shard_cache_dir": str(tmp_path / "cache")})
+    candidate = run_finetune(
+        FinetuneInputs(snapshot, result, work / "baseline" / "candidate", cfg), tmp_path / "ft"
+    )
+    for split in ("train", "val"):
+        assert (
+            Path(shard_set_uri(str(tmp_path / "root"), snapshot.fingerprint, split)) / "index.json"
+        ).exists()
+    # validation from shards scores the same images as the decoded path: the saved weights agree with it
+    assert candidate.metrics["val_accuracy"] == pytest.approx(
+        saved_candidate_accuracy(tmp_path / "ft", snapshot.split("val"))
+    )
+    assert candidate.cost.epochs_run == 1
