@@ -5,7 +5,7 @@
   ``SubprocessRunner(use_venv=False)``, components with ``install_kfp_package=False``, stage
   processes as ``adaptflow.pipelines.local_process`` runs them); per task = the slope. Three empty
   components: ``kfp`` returns at once; ``config`` runs a step's prologue (the run's config file
-  parsed, logging set up: ``adaptflow.steps._settings``, in ``reports_errors`` as every step);
+  parsed, logging set up: ``adaptflow.stage_setup.stage_settings``, in ``reports_errors`` as every step);
   ``stage`` is the empty stage: that prologue, the step's MLflow setup (``open_stage``: the pipeline run
   read from the store) and an empty nested stage run (``tracking.stage_run``). Goal: the empty stage
   at most 1.5 s per task. The split comes from one probe process doing what a component process
@@ -53,14 +53,16 @@ def empty_kfp(config_json: str, parent_run_id: str) -> str:
 
 
 def empty_config(config_json: str, parent_run_id: str) -> str:
-    from adaptflow.steps import _settings, reports_errors
+    from adaptflow.stage_setup import stage_settings as _settings
+    from adaptflow.steps import reports_errors
 
     reports_errors("empty")(_settings)(config_json, uses_torch=False)
     return parent_run_id
 
 
 def empty_stage(config_json: str, parent_run_id: str) -> str:
-    from adaptflow.steps import open_stage, reports_errors
+    from adaptflow.stage_setup import open_stage
+    from adaptflow.steps import reports_errors
     from adaptflow.tracking import stage_run
 
     @reports_errors("empty")
@@ -84,7 +86,9 @@ import json, sys, time
 t = [time.perf_counter()]
 import kfp.dsl.executor_main
 t.append(time.perf_counter())
-from adaptflow.steps import _context, _settings, _spare_exit_collection
+from adaptflow.stage_setup import stage_context as _context
+from adaptflow.stage_setup import stage_settings as _settings
+from adaptflow.steps import _spare_exit_collection
 from adaptflow.tracking import stage_run
 t.append(time.perf_counter())
 settings = _settings(sys.argv[1], uses_torch=False)

@@ -15,24 +15,19 @@ import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from adaptflow.config import Settings
 from adaptflow.contracts import BaselineResult, Candidate, Evaluation, ExportResult, Snapshot
-from adaptflow.cpus import configure_threads
 from adaptflow.errors import EXIT_FAILED, Interrupted, describe_error, exit_status
 from adaptflow.logs import console, setup_logging
 from adaptflow.signals import stop_with_parent
+from adaptflow.stage_setup import _in_component_process, open_stage, stage_context, stage_settings
 from adaptflow.tracking import (
-    TrackingContext,
-    resolve_tracking_uri,
     run_lifecycle,
     stage_run,
     start_pipeline_run,
-    store_errors,
 )
 
 log = logging.getLogger(__name__)
@@ -41,12 +36,6 @@ SUMMARY_FILE = "summary.json"
 ERROR_FILE_ENV = "ADAPTFLOW_ERROR_FILE"
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _in_component_process() -> bool:
-    """True in the process KFP starts for a component (``python -m kfp.dsl.executor_main``)."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return getattr(spec, "name", None) == "kfp.dsl.executor_main"
 
 
 def reports_errors(stage: str) -> Callable[[F], F]:
@@ -96,41 +85,6 @@ def _spare_exit_collection() -> None:
     gc.freeze()
 
 
-def _settings(config_json: str, *, uses_torch: bool) -> Settings:
-    """The run's settings from ``config_json``: the JSON itself, or the URI of a JSON file.
-
-    Local runs pass a file (:func:`adaptflow.pipelines.local.write_run_config`), so the config never
-    sits on a stage's command line, where a large one fails with "Argument list too long". A stage
-    that ``uses_torch`` gets torch's threads sized to the pod's CPUs; the others never import torch
-    (about 1.5 s per stage process).
-    """
-    setup_logging(exclusive=_in_component_process())
-    if config_json.lstrip().startswith("{"):
-        settings = Settings.from_json(config_json)
-    else:
-        from adaptflow.storage import read_bytes
-
-        settings = Settings.from_json(read_bytes(config_json).decode())
-    if uses_torch:
-        configure_threads(settings.threads)  # a pod's CPU quota, not the node's cores
-    return settings
-
-
-def open_stage(config_json: str, parent_run_id: str, *, uses_torch: bool) -> tuple[Settings, TrackingContext]:
-    """Every step's prologue: logging, the run's settings, and the pipeline run to nest under."""
-    settings = _settings(config_json, uses_torch=uses_torch)
-    return settings, _context(settings, parent_run_id)
-
-
-def _context(settings: Settings, parent_run_id: str) -> TrackingContext:
-    from mlflow.tracking import MlflowClient
-
-    uri = resolve_tracking_uri(settings)
-    with store_errors(uri):  # a store that broke since the run began: one line and a hint
-        experiment_id = MlflowClient(uri).get_run(parent_run_id).info.experiment_id
-    return TrackingContext(uri, str(experiment_id), parent_run_id)
-
-
 class Lineage(NamedTuple):
     """KFP facts recorded on every MLflow run and model version."""
 
@@ -169,12 +123,12 @@ def ingest_step(
     from adaptflow.registry import change_verdict
     from adaptflow.stage_logs import log_ingest, log_pipeline_config
 
-    settings = _settings(config_json, uses_torch=False)
+    settings = stage_settings(config_json, uses_torch=False)
     config_hash = settings.config_hash()
     tags = {"adaptflow.data_uri": data_uri, "adaptflow.config_hash": config_hash}
     tags |= lineage.tags() if lineage else {}
     ctx = (
-        _context(settings, parent_run_id)
+        stage_context(settings, parent_run_id)
         if parent_run_id
         else start_pipeline_run(settings, "adaptflow", tags)
     )

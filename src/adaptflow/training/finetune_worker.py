@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_worker(args: argparse.Namespace) -> None:
     from adaptflow.cpus import cpu_budget
-    from adaptflow.steps import open_stage
+    from adaptflow.stage_setup import open_stage
     from adaptflow.training.distributed import torchrun_world
 
     settings, ctx = open_stage(args.config_json_file, args.parent_run_id, uses_torch=True)
