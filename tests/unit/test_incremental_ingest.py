@@ -208,6 +208,19 @@ def test_small_batches_io_threads_and_the_python_reader_list_the_same(
     monkeypatch.setattr(listing, "STAT_CHUNK", 3)
     monkeypatch.setattr(listing, "SLOW_STAT_S", 0.0)  # every stat "waits on storage": I/O threads
     _same_snapshot(ingest(str(manifest), IngestConfig()), reference)
+    monkeypatch.setattr(listing, "SLOW_STAT_S", 1.0)  # fast local stats: in worker processes
+    monkeypatch.setattr(listing, "PROCESS_MIN_CHUNKS", 1)
+    used: list[int] = []
+    real_map = listing.StatProcesses.map
+
+    def counted(self: listing.StatProcesses, spans: list[list[str]]) -> object:
+        used.append(self.workers)
+        return real_map(self, spans)
+
+    monkeypatch.setattr(listing.StatProcesses, "map", counted)
+    monkeypatch.setattr(listing, "cpu_budget", lambda: type("Budget", (), {"cpus": 2})())
+    _same_snapshot(ingest(str(manifest), IngestConfig()), reference)
+    assert used and all(workers == 2 for workers in used)
     monkeypatch.setattr(manifests, "read_with_arrow", lambda path: None)  # what pyarrow refuses
     _same_snapshot(ingest(str(manifest), IngestConfig()), reference)
 
@@ -281,3 +294,126 @@ def test_mlflow_gets_the_snapshot_json_and_the_parquet_files_it_names(data: Path
     assert logged == {p.name for p in out.iterdir()}  # snapshot.json, quarantine.csv, 2 Parquet files
     fetched = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "dl"))
     _same_snapshot(Snapshot.load(fetched), snap)  # the logged snapshot loads on its own
+
+
+@pytest.mark.parametrize("kind", ["sha256", "tied prefixes", "not hex"])
+def test_the_snapshot_fingerprint_is_the_sorted_pairs_digest(kind: str) -> None:
+    """The Arrow fingerprint (a numeric sort of sha256 prefixes, or a string sort where that cannot
+    decide) equals ``ingest.fingerprint`` over the same (sha256, label) pairs."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from adaptflow.data.assemble import SnapshotTables
+    from adaptflow.data.ingest import fingerprint
+
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(5000)]
+    if kind == "tied prefixes":
+        shas[7] = shas[3][:16] + "0" * 48  # the same first 16 digits as another entry
+    elif kind == "not hex":
+        shas[11] = "Z" * 64
+    labels = [f"class-{i % 7}" for i in range(len(shas))]
+    entries = pa.table({"sha256": shas, "label": labels, "uri": [f"/d/{i}.png" for i in range(len(shas))]})
+    tables = SnapshotTables(entries=entries, quarantined=pa.table({"uri": [], "reason": []}))
+    assert tables.fingerprint() == fingerprint(zip(shas, labels, strict=True))
+
+
+def test_entries_are_in_label_then_uri_order_whatever_the_manifest_order() -> None:
+    import random
+
+    import pyarrow as pa
+
+    from adaptflow.data.assemble import _label_uri_order
+
+    rows = [
+        (f"/d/{i % 13}/{i:05d}.png", ["zèbre", "ant", "Élan", "bee", "ant b"][i % 5]) for i in range(3000)
+    ]
+    random.Random(0).shuffle(rows)
+    entries = pa.table({"uri": [u for u, _ in rows], "label": [label for _, label in rows]})
+    ordered = entries.take(_label_uri_order(entries))
+    assert ordered.equals(entries.sort_by([("label", "ascending"), ("uri", "ascending")]))
+    assert len(_label_uri_order(entries.slice(0, 0))) == 0
+
+
+def test_duplicates_are_found_by_the_whole_sha256_not_its_prefix() -> None:
+    import pyarrow as pa
+
+    from adaptflow.data.assemble import assemble
+
+    base = "ab" * 8  # 16 digits several files share
+    shas = [base + "0" * 48, base + "1" * 48, base + "1" * 48, "cd" * 32, "ef" * 32, "ef" * 32]
+    labels = ["cat", "cat", "cat", "dog", "dog", "cat"]
+    n = len(shas)
+    checked = pa.table(
+        {
+            "uri": [f"/d/{i}.png" for i in range(n)],
+            "label": labels,
+            "stamp": ["1:1"] * n,
+            "etag": pa.nulls(n, pa.string()),
+            "sha256": shas,
+            "width": [8] * n,
+            "height": [8] * n,
+            "bucket": [0.5] * n,
+            "reason": pa.nulls(n, pa.string()),
+        }
+    )
+    parts = assemble(
+        checked,
+        pa.table({"uri": pa.array([], pa.string()), "reason": pa.array([], pa.string())}),
+        IngestConfig(),
+    )
+    assert sorted(parts.entries["uri"].to_pylist()) == ["/d/0.png", "/d/1.png", "/d/3.png"]
+    reasons = dict(
+        zip(parts.quarantined["uri"].to_pylist(), parts.quarantined["reason"].to_pylist(), strict=True)
+    )
+    assert reasons["/d/2.png"] == "duplicate content of /d/1.png"
+    assert reasons["/d/4.png"] == reasons["/d/5.png"] == "same content labelled cat and dog"
+    assert len(reasons) == 3
+
+
+@pytest.mark.parametrize("shape", ["grown", "inserted", "reordered", "shorter", "empty cache"])
+def test_cached_verdicts_match_a_lookup_by_uri_and_stamp(shape: str) -> None:
+    """Positional matching where listing and cache agree, hash lookup elsewhere: the same hits as a
+    plain dictionary from (uri) to the first cached (stamp, verdict)."""
+    import random
+
+    import pyarrow as pa
+
+    from adaptflow.data.verdicts import cached_verdicts
+
+    uris = [f"/d/{i:04d}.png" for i in range(400)]
+    cache_rows = [(u, f"{i}:1", f"sha-{i}") for i, u in enumerate(uris)]
+    cache_rows.append((uris[5], "other:stamp", "sha-dup"))  # a URI cached twice: the first counts
+    listed = [(u, f"{i}:1") for i, u in enumerate(uris)]
+    listed[7] = (uris[7], "7:2")  # changed since
+    listed[9] = (uris[9], None)  # no stamp: never a hit
+    if shape == "grown":
+        listed += [(f"/d/new-{i}.png", "1:1") for i in range(20)]
+    elif shape == "inserted":
+        listed[100:100] = [(f"/d/new-{i}.png", "1:1") for i in range(5)]
+    elif shape == "reordered":
+        random.Random(1).shuffle(listed)
+    elif shape == "shorter":
+        listed = listed[:150] + listed[200:]
+    if shape == "empty cache":
+        cache_rows = []
+    cached = pa.table(
+        {
+            "uri": pa.array([r[0] for r in cache_rows], pa.string()),
+            "stamp": pa.array([r[1] for r in cache_rows], pa.string()),
+            "sha256": pa.array([r[2] for r in cache_rows], pa.string()),
+            "width": pa.array([1] * len(cache_rows), pa.int64()),
+            "height": pa.array([1] * len(cache_rows), pa.int64()),
+            "bucket": pa.array([0.5] * len(cache_rows), pa.float64()),
+            "reason": pa.nulls(len(cache_rows), pa.string()),
+        }
+    )
+    todo = pa.table({"uri": [r[0] for r in listed], "stamp": pa.array([r[1] for r in listed], pa.string())})
+    first: dict[str, tuple[str, str]] = {}
+    for uri, stamp, sha in cache_rows:
+        first.setdefault(uri, (stamp, sha))
+    expected_hits = [(u, first[u][1]) for u, s in listed if s is not None and u in first and first[u][0] == s]
+    hits, misses = cached_verdicts(todo, cached)
+    assert list(zip(hits["uri"].to_pylist(), hits["sha256"].to_pylist(), strict=True)) == expected_hits
+    hit_uris = {u for u, _ in expected_hits}
+    assert misses["uri"].to_pylist() == [u for u, _ in listed if u not in hit_uris]

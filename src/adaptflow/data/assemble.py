@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 
 from adaptflow.config import IngestConfig
 from adaptflow.contracts import SPLITS
+from adaptflow.data.snapshot_store import value_ranks
 
 if TYPE_CHECKING:
+    import numpy as np
     import pyarrow as pa
 
 ENTRY_COLUMNS = ["uri", "sha256", "label", "split", "width", "height", "etag"]
@@ -33,7 +35,12 @@ class SnapshotTables:
         import pyarrow.compute as pc
 
         digest = hashlib.sha256()
-        ordered = self.entries.sort_by([("sha256", "ascending"), ("label", "ascending")])
+        pairs = self.entries.select(["sha256", "label"])
+        order = _hex_order(pairs["sha256"])
+        if order is None:
+            ordered = pairs.sort_by([("sha256", "ascending"), ("label", "ascending")])
+        else:
+            ordered = pairs.take(order)
         for batch in ordered.select(["sha256", "label"]).to_batches(max_chunksize=1 << 16):
             lines = pc.binary_join_element_wise(batch["sha256"], batch["label"], "\t")
             lines = pc.binary_join_element_wise(lines, "", "\n")
@@ -62,6 +69,75 @@ def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
 
     counts = pc.value_counts(column)
     return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True))
+
+
+def _hex_prefixes(shas: pa.ChunkedArray) -> np.ndarray | None:
+    """The first 16 digits of each lowercase 64-digit hex string, as numbers (so their numeric order
+    is the strings' order); None where a value is null or another string. Sorting and counting these
+    is ten times as fast as Arrow's string kernels on a million random sha256s."""
+    import numpy as np
+
+    column = shas.combine_chunks() if hasattr(shas, "combine_chunks") else shas
+    if column.null_count:
+        return None
+    if len(column) == 0:
+        return np.zeros(0, np.uint64)
+    offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset : column.offset + len(column) + 1]
+    if not (np.diff(offsets) == 64).all():
+        return None
+    digits = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].reshape(-1, 64)[:, :16]
+    values = np.full(256, 255, np.uint8)
+    values[ord("0") : ord("9") + 1] = np.arange(10)
+    values[ord("a") : ord("f") + 1] = np.arange(10, 16)
+    nibbles = values[digits]
+    if (nibbles == 255).any():
+        return None
+    prefix = np.zeros(len(column), np.uint64)
+    for k in range(16):
+        prefix = (prefix << np.uint64(4)) | nibbles[:, k].astype(np.uint64)
+    return prefix
+
+
+def _hex_order(shas: pa.ChunkedArray) -> np.ndarray | None:
+    """The sorted order of distinct sha256s, by their numeric prefixes; None (sort the strings)
+    where there are none or two prefixes tie (one chance in 2^64 per pair). Entries never share a
+    sha256 (``assemble`` quarantines duplicates), so sorting by it alone gives the (sha256, label)
+    order."""
+    import numpy as np
+
+    prefix = _hex_prefixes(shas)
+    if prefix is None or len(prefix) < 2:
+        return None
+    order = np.argsort(prefix, kind="stable")
+    ranked = prefix[order]
+    return None if (ranked[1:] == ranked[:-1]).any() else order
+
+
+def _maybe_shared(shas: pa.ChunkedArray) -> pa.Array:
+    """True for every row whose sha256 another row has, and perhaps a few others (a shared prefix):
+    those go through ``_duplicates``, which groups them by the whole sha256."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    prefix = _hex_prefixes(shas)
+    if prefix is None:  # not all sha256 hex: count the strings
+        counts = pc.value_counts(shas)
+        shared = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+        return pc.is_in(shas, value_set=shared)
+    ranked = np.sort(prefix)
+    repeated = np.unique(ranked[1:][ranked[1:] == ranked[:-1]])
+    return pa.array(np.isin(prefix, repeated) if len(repeated) else np.zeros(len(prefix), bool))
+
+
+def _label_uri_order(entries: pa.Table) -> np.ndarray:
+    """The (label, uri) order: URIs sorted once, then a stable sort of the labels' ranks. Arrow's
+    two-string-key ``sort_by`` took 40 s on a million shuffled manifest rows, this takes 1 s."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    by_uri = pc.sort_indices(entries["uri"]).to_numpy()
+    return by_uri[np.argsort(value_ranks(entries["label"])[by_uri], kind="stable")]
 
 
 def _span(lines: pa.Array) -> tuple[int, int]:
@@ -110,9 +186,7 @@ def assemble(checked: pa.Table, refused: pa.Table, cfg: IngestConfig) -> Snapsho
     valid = checked.filter(pc.is_null(checked["reason"]))
     valid = valid.append_column("split", _split_column(valid["bucket"], cfg))
     valid = valid.select(ENTRY_COLUMNS)
-    counts = pc.value_counts(valid["sha256"])
-    shared = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-    is_shared = pc.is_in(valid["sha256"], value_set=shared)
+    is_shared = _maybe_shared(valid["sha256"])
     kept, dupes = _duplicates(valid.filter(is_shared).to_pylist())
     entries = pa.concat_tables(
         [valid.filter(pc.invert(is_shared)), pa.Table.from_pylist(kept, schema=valid.schema)]
@@ -125,6 +199,6 @@ def assemble(checked: pa.Table, refused: pa.Table, cfg: IngestConfig) -> Snapsho
         ]
     )
     return SnapshotTables(
-        entries=entries.sort_by([("label", "ascending"), ("uri", "ascending")]).combine_chunks(),
+        entries=entries.take(_label_uri_order(entries)).combine_chunks(),
         quarantined=quarantined.sort_by("uri").combine_chunks(),
     )

@@ -16,6 +16,7 @@ import csv
 import hashlib
 import logging
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,6 @@ from adaptflow.data.verdicts import (
     cached_verdicts,
     iter_checked,
     split_bucket,
-    unique_rows,
     verdict_batch,
     verdict_schema,
 )
@@ -79,10 +79,16 @@ def fingerprint(pairs: Iterable[tuple[str, str]]) -> str:
 
 
 def _verdicts(
-    listing: pa.Table, cfg: IngestConfig, resize_size: int | None, cache: VerdictCache | None, location: str
+    listing: pa.Table,
+    cfg: IngestConfig,
+    resize_size: int | None,
+    cache: VerdictCache | None,
+    location: str,
+    writer: ThreadPoolExecutor,
 ) -> pa.Table:
     """Every listed file that was not refused, with its verdict: cached where its stamp matches,
-    else checked now (in worker processes). Writes the new cache."""
+    else checked now (in worker processes). Writes the new cache on ``writer``'s thread, while
+    ingest goes on assembling (Parquet encoding releases the GIL)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -113,8 +119,10 @@ def _verdicts(
         keep = [fresh.select(verdict_schema().names)]
         if hits is not None:
             keep.insert(0, hits.select(verdict_schema().names))
+        # not de-duplicated: a file a manifest lists twice is cached twice with one verdict, and a
+        # lookup takes the first (de-duplicating a million keys cost more than the rest of the write)
         table = pa.concat_tables(keep).cast(verdict_schema())
-        cache.write(location, unique_rows(table, ["uri", "stamp"]))
+        writer.submit(cache.write, location, table)  # never raises: a failed write is a warning
         log.info("ingest: %d verdicts from the cache, %d files checked", cache.hits, cache.checked)
     misses = misses.drop_columns(["cacheable"])
     if hits is None:
@@ -156,9 +164,10 @@ def ingest(
         source_uri,
     )
     location = verdicts.location(source_uri, cfg, resize_size) if verdicts is not None else ""
-    checked = _verdicts(listing, cfg, resize_size, verdicts, location)
-    refused = listing.filter(pc.is_valid(listing["reason"])).select(["uri", "reason"])
-    parts = assemble(checked, refused, cfg)
+    with ThreadPoolExecutor(1, thread_name_prefix="verdict-cache") as writer:  # waits for the write
+        checked = _verdicts(listing, cfg, resize_size, verdicts, location, writer)
+        refused = listing.filter(pc.is_valid(listing["reason"])).select(["uri", "reason"])
+        parts = assemble(checked, refused, cfg)
 
     per_class = parts.class_counts_total()
     problems = [
