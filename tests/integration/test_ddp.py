@@ -20,6 +20,7 @@ where a gradient is tiny (it divides by the gradient's own scale), so after 3 ep
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,11 @@ def two_process_run(ddp_case: DdpCase) -> Path:
     from adaptflow.training.distributed import launch_on_this_node
 
     out = ddp_case.work / "ddp" / "candidate"
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     launch_on_this_node(2, _worker_args(ddp_case, out))
+    # the elastic agent's handlers must not outlive the launch: this process's own SIGTERM handling
+    # (a stage's graceful stop; pytest's here) would otherwise become torch's SignalException
+    assert {sig: signal.getsignal(sig) for sig in before} == before
     return out
 
 
