@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pytest
 from adaptflow.pipelines.compare import build_compare_pipeline
 from adaptflow.pipelines.kfp_local_compat import kfp_local_fixes
 from adaptflow.pipelines.local import kfp_local_run, run_compare_local
@@ -54,6 +55,8 @@ def test_compare_pipeline_fans_out_per_strategy_and_collects_one_report(
     assert "report/compare.json" in artifacts and any(p.endswith(".html") for p in artifacts), artifacts
 
 
+# slow (make test-all): a second compare DAG run; run_compare_local runs in CI in test_report_browser.py
+@pytest.mark.slow
 def test_adaptflow_compare_runs_the_dag_locally_and_copies_its_report_to_out(
     tiny_assets: Any, tmp_path: Path
 ) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+# slow (make test-all): two real `adaptflow demo` runs, about 5 minutes of CI's 30
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ADAPTFLOW = [sys.executable, "-m", "adaptflow.cli"]
 FIRST_RUN_LINES = 60  # issue 13: the first `make run`, besides progress bars

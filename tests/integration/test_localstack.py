@@ -162,6 +162,8 @@ def test_stack_up_on_other_ports_while_running_is_refused(production_stack: Stac
     assert all(s.healthy for s in stack_status(production_stack.config).values())
 
 
+# slow (make test-all): an operator's manual restart; the stack's own restart runs in CI
+@pytest.mark.slow
 @pytest.mark.stack
 @pytest.mark.integration
 def test_a_moto_restarted_by_hand_never_replaces_the_s3_snapshot(stack_folder: Path) -> None:

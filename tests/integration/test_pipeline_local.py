@@ -231,6 +231,8 @@ def test_predict_and_history_commands(three_runs) -> None:  # type: ignore[no-un
     assert wrong.returncode == 2 and "error: Invalid value for '--format': 'yaml'" in wrong.stderr
 
 
+# slow (make test-all): a whole pipeline run; the advisor's decision has unit tests (test_advisor_strategy.py, test_training.py)
+@pytest.mark.slow
 def test_else_branch_keeps_the_baseline(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     overrides = [*tiny_assets.overrides(tmp_path / "state"), "baseline.advisor.force=false"]
     summary = json.loads(
@@ -330,6 +332,8 @@ def test_parity_failure_registers_nothing_and_moves_no_alias(three_runs) -> None
     assert after == before
 
 
+# slow (make test-all): a whole pipeline run; labels in the fingerprint and the cache key are unit-tested
+@pytest.mark.slow
 def test_relabelling_one_file_is_new_data(three_runs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Same bytes, one label changed: a new fingerprint, so the run trains instead of saying unchanged."""
     work, data, overrides, (first, *_) = three_runs

@@ -180,6 +180,8 @@ def run_promoters(
     return outputs
 
 
+# slow (make test-all): the same race runs in CI against the mlflow server (test_stack.py)
+@pytest.mark.slow
 def test_eight_concurrent_promoters_embedded(tmp_path: Path) -> None:
     """Eight pods' worth of workdirs share one lease folder (registry.lease_uri) and the embedded store."""
     scores = [0.61, 0.93, 0.72, 0.88, 0.97, 0.65, 0.91, 0.79]
