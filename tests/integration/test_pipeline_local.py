@@ -315,6 +315,8 @@ def _versions(work: Path, model: str) -> set[str]:
     return {str(v.version) for v in client.search_model_versions(f"name='{model}'")}
 
 
+# slow (make test-all): a whole run; the parity gate is unit-tested (test_evaluate_export_registry)
+@pytest.mark.slow
 def test_parity_failure_registers_nothing_and_moves_no_alias(three_runs) -> None:  # type: ignore[no-untyped-def]
     from adaptflow.registry import CHALLENGER, get_champion
     from adaptflow.tracking import embedded_tracking_uri

@@ -67,6 +67,8 @@ def lease_holders(s3, bucket: str, key: str) -> list[str]:  # type: ignore[no-un
     ]
 
 
+# slow (make test-all): a whole run on the stack; the stack itself (PostgreSQL, moto, mlflow server) runs in CI below
+@pytest.mark.slow
 def test_pipeline_predict_rollback_against_the_stack(
     production_stack, stack_env, lease_bucket, tiny_assets, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]

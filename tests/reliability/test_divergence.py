@@ -59,6 +59,8 @@ def test_nan_in_a_batchnorm_buffer_is_an_error_naming_the_tensor(tmp_path: Path)
         read_weights_file(tmp_path / "backbone.pth")
 
 
+# slow (make test-all): a whole run; the divergence guard's unit tests above run in CI
+@pytest.mark.slow
 @pytest.mark.integration
 def test_a_diverging_fine_tune_ships_the_baseline_and_the_run_succeeds(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     overrides = [

@@ -116,6 +116,8 @@ def test_sigterm_checkpoints_leaves_nothing_running_and_the_rerun_resumes(
     _resume_and_check(command, work, checkpoints[0])
 
 
+# slow (make test-all): two whole runs; SIGTERM's checkpoint and resume run in CI (test above)
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux")
 def test_sigkill_stops_the_stage_and_the_next_run_cleans_up_and_resumes(tiny_assets, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     work = tmp_path / "state"
