@@ -51,6 +51,20 @@ def stop_on_sigterm() -> Iterator[StopRequest]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def handlers_restored(*names: str) -> Iterator[None]:
+    """Puts back the handlers of the named signals (those this platform has) on leaving: for code
+    that installs its own and never removes them (torch's elastic launcher does)."""
+    saved = {sig: signal.getsignal(sig) for name in names if (sig := getattr(signal, name, None))}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in saved.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+
+
 def stop_with_parent() -> None:
     """SIGTERM this process when its parent dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``).
 

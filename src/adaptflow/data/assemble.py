@@ -41,7 +41,7 @@ class SnapshotTables:
             ordered = pairs.sort_by([("sha256", "ascending"), ("label", "ascending")])
         else:
             ordered = pairs.take(order)
-        for batch in ordered.select(["sha256", "label"]).to_batches(max_chunksize=1 << 16):
+        for batch in ordered.to_batches(max_chunksize=1 << 16):
             lines = pc.binary_join_element_wise(batch["sha256"], batch["label"], "\t")
             lines = pc.binary_join_element_wise(lines, "", "\n")
             data = lines.buffers()[2]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -269,24 +268,6 @@ def _failure_message(message: Any) -> str:
     return str(message).strip()
 
 
-@contextlib.contextmanager
-def _signal_handlers_restored() -> Iterator[None]:
-    """The elastic agent installs its own SIGTERM/SIGINT/SIGHUP/SIGQUIT handlers in this process and
-    leaves them there: a later signal would raise its ``SignalException`` in whatever runs next
-    (evaluation, an upload) instead of reaching this stage's own graceful-stop handler."""
-    import signal
-
-    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
-    saved = {sig: signal.getsignal(sig) for name in names if (sig := getattr(signal, name, None))}
-    try:
-        yield
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            for sig, handler in saved.items():
-                if handler is not None:
-                    signal.signal(sig, handler)
-
-
 def launch_on_this_node(nproc: int, worker_argv: list[str], *, run_id: str | None = None) -> None:
     """Runs ``python -m adaptflow.training.finetune_worker`` (``worker_argv`` are its arguments; or a
     ``-m module ...`` or ``script.py ...`` command line of another entry point) in ``nproc`` processes on this node with torch's elastic launcher,
@@ -299,6 +280,7 @@ def launch_on_this_node(nproc: int, worker_argv: list[str], *, run_id: str | Non
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from adaptflow.errors import EXIT_PREEMPTED, RETRYABLE_EXITS
+    from adaptflow.signals import handlers_restored
 
     own_entry = worker_argv[:1] == ["-m"] or (bool(worker_argv) and worker_argv[0].endswith(".py"))
     args = worker_argv if own_entry else ["-m", "adaptflow.training.finetune_worker", *worker_argv]
@@ -315,7 +297,9 @@ def launch_on_this_node(nproc: int, worker_argv: list[str], *, run_id: str | Non
     )
     log.info("launching %d training processes on this node", nproc)
     try:
-        with _signal_handlers_restored():
+        # the elastic agent installs its own handlers in this process and leaves them there: a later
+        # SIGTERM would raise its SignalException instead of reaching this stage's graceful stop
+        with handlers_restored("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"):
             elastic_launch(config, sys.executable)(*args)
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
