@@ -10,12 +10,13 @@ few, become Python objects.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from adaptflow.config import IngestConfig
 from adaptflow.contracts import SPLITS
-from adaptflow.data.snapshot_store import value_ranks
+from adaptflow.data.snapshot_store import filtered, value_ranks
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,39 +29,53 @@ ENTRY_COLUMNS = ["uri", "sha256", "label", "split", "width", "height", "etag"]
 class SnapshotTables:
     entries: pa.Table  # ManifestEntry's columns, sorted by (label, uri)
     quarantined: pa.Table  # uri, reason; sorted by uri
+    digest: str | None = None  # the fingerprint, where assemble computed it already
 
     def fingerprint(self) -> str:
-        """``ingest.fingerprint`` over these entries, without a Python string per entry: the
-        ``sha\\tlabel\\n`` lines are built in Arrow and their bytes fed to sha256 as they lie."""
-        import pyarrow.compute as pc
-
-        digest = hashlib.sha256()
-        pairs = self.entries.select(["sha256", "label"])
-        order = _hex_order(pairs["sha256"])
-        if order is None:
-            ordered = pairs.sort_by([("sha256", "ascending"), ("label", "ascending")])
-        else:
-            ordered = pairs.take(order)
-        for batch in ordered.to_batches(max_chunksize=1 << 16):
-            lines = pc.binary_join_element_wise(batch["sha256"], batch["label"], "\t")
-            lines = pc.binary_join_element_wise(lines, "", "\n")
-            data = lines.buffers()[2]
-            if data is not None and len(lines):
-                first, last = _span(lines)
-                digest.update(memoryview(data)[first:last])
-        return digest.hexdigest()
+        return self.digest if self.digest is not None else fingerprint_of(self.entries)
 
     def class_counts_total(self) -> dict[str, int]:
         return _value_counts(self.entries["label"])
 
     def class_counts(self, classes: list[str]) -> dict[str, dict[str, int]]:
+        """Images per split and class: one count over (split, label) codes, not a filter per split
+        (which copies every column of a million rows)."""
+        import numpy as np
         import pyarrow.compute as pc
 
         found: dict[str, dict[str, int]] = {s: dict.fromkeys(classes, 0) for s in SPLITS}
-        for split in SPLITS:
-            in_split = self.entries.filter(pc.equal(self.entries["split"], split))
-            found[split].update(_value_counts(in_split["label"]))
+        split, label = (
+            pc.dictionary_encode(self.entries[name]).combine_chunks() for name in ("split", "label")
+        )
+        splits, labels = split.dictionary.to_pylist(), label.dictionary.to_pylist()
+        codes = split.indices.to_numpy().astype(np.int64) * len(labels) + label.indices.to_numpy()
+        counts: list[int] = np.bincount(codes).tolist() if len(codes) else []
+        for code, count in enumerate(counts):
+            if count:
+                found[splits[code // len(labels)]][labels[code % len(labels)]] = count
         return found
+
+
+def fingerprint_of(entries: pa.Table) -> str:
+    """``ingest.fingerprint`` over ``entries`` (in any order), without a Python string per entry:
+    the ``sha\tlabel\n`` lines are built in Arrow and their bytes fed to sha256 as they lie."""
+    import pyarrow.compute as pc
+
+    digest = hashlib.sha256()
+    pairs = entries.select(["sha256", "label"])
+    order = _hex_order(pairs["sha256"])
+    if order is None:
+        pairs = pairs.sort_by([("sha256", "ascending"), ("label", "ascending")])
+    lines = pc.binary_join_element_wise(pairs["sha256"], pairs["label"], "\t")
+    lines = pc.binary_join_element_wise(lines, "", "\n")  # "sha\tlabel\n"
+    if order is not None:
+        lines = lines.take(order)  # one string column to reorder, not two
+    for chunk in lines.chunks:
+        data = chunk.buffers()[2]
+        if data is not None and len(chunk):
+            first, last = _span(chunk)
+            digest.update(memoryview(data)[first:last])
+    return digest.hexdigest()
 
 
 def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
@@ -92,10 +107,8 @@ def _hex_prefixes(shas: pa.ChunkedArray) -> np.ndarray | None:
     nibbles = values[digits]
     if (nibbles == 255).any():
         return None
-    prefix = np.zeros(len(column), np.uint64)
-    for k in range(16):
-        prefix = (prefix << np.uint64(4)) | nibbles[:, k].astype(np.uint64)
-    return prefix
+    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]  # 8 bytes per row, most significant first
+    return np.ascontiguousarray(packed).view(">u8").ravel().astype(np.uint64)
 
 
 def _hex_order(shas: pa.ChunkedArray) -> np.ndarray | None:
@@ -108,7 +121,7 @@ def _hex_order(shas: pa.ChunkedArray) -> np.ndarray | None:
     prefix = _hex_prefixes(shas)
     if prefix is None or len(prefix) < 2:
         return None
-    order = np.argsort(prefix, kind="stable")
+    order = np.argsort(prefix)  # stable or not: a tie is refused below
     ranked = prefix[order]
     return None if (ranked[1:] == ranked[:-1]).any() else order
 
@@ -182,14 +195,14 @@ def assemble(checked: pa.Table, refused: pa.Table, cfg: IngestConfig) -> Snapsho
     import pyarrow.compute as pc
 
     quarantine_schema = pa.schema([("uri", pa.string()), ("reason", pa.string())])
-    bad = checked.filter(pc.is_valid(checked["reason"])).select(["uri", "reason"])
-    valid = checked.filter(pc.is_null(checked["reason"]))
+    bad = filtered(checked, pc.is_valid(checked["reason"])).select(["uri", "reason"])
+    valid = filtered(checked, pc.is_null(checked["reason"]))
     valid = valid.append_column("split", _split_column(valid["bucket"], cfg))
     valid = valid.select(ENTRY_COLUMNS)
     is_shared = _maybe_shared(valid["sha256"])
-    kept, dupes = _duplicates(valid.filter(is_shared).to_pylist())
+    kept, dupes = _duplicates(filtered(valid, is_shared).to_pylist())
     entries = pa.concat_tables(
-        [valid.filter(pc.invert(is_shared)), pa.Table.from_pylist(kept, schema=valid.schema)]
+        [filtered(valid, pc.invert(is_shared)), pa.Table.from_pylist(kept, schema=valid.schema)]
     )
     quarantined = pa.concat_tables(
         [
@@ -198,7 +211,12 @@ def assemble(checked: pa.Table, refused: pa.Table, cfg: IngestConfig) -> Snapsho
             pa.Table.from_pylist([{"uri": u, "reason": r} for u, r in dupes], schema=quarantine_schema),
         ]
     )
-    return SnapshotTables(
-        entries=entries.take(_label_uri_order(entries)).combine_chunks(),
-        quarantined=quarantined.sort_by("uri").combine_chunks(),
-    )
+    # the fingerprint is order-free: computed while the entries are put in order (Arrow and numpy
+    # work that releases the GIL, so the two share the cores)
+    with ThreadPoolExecutor(1, thread_name_prefix="fingerprint") as thread:
+        digest = thread.submit(fingerprint_of, entries)
+        return SnapshotTables(
+            entries=entries.take(_label_uri_order(entries)).combine_chunks(),
+            quarantined=quarantined.sort_by("uri").combine_chunks(),
+            digest=digest.result(),
+        )

@@ -183,7 +183,8 @@ class ImageStore:
         if sha256_bytes(data) != entry.sha256:
             raise DataError(
                 f"{entry.uri} changed after ingest (sha256 differs from the snapshot)",
-                hint="re-run the pipeline so ingest takes a fresh snapshot",
+                hint="re-run the pipeline so ingest takes a fresh snapshot; where a manifest names the "
+                "file's sha256, restore the file or correct that row (ingest trusts it while it is unchanged)",
             )
         with self._lock:
             if self._size + len(data) <= self._limit:

@@ -16,7 +16,7 @@ import csv
 import hashlib
 import logging
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,7 @@ from adaptflow.contracts import SPLITS, ManifestEntry, QuarantineEntry, Snapshot
 from adaptflow.cpus import cpu_budget
 from adaptflow.data.assemble import assemble
 from adaptflow.data.listing import MANIFEST_SUFFIXES, class_folders, list_source, missing_source
-from adaptflow.data.snapshot_store import Rows
+from adaptflow.data.snapshot_store import Rows, filtered
 from adaptflow.data.verdicts import (
     CHUNK_ROWS,
     CheckSettings,
@@ -83,6 +83,7 @@ def _verdicts(
     cfg: IngestConfig,
     resize_size: int | None,
     cache: VerdictCache | None,
+    cached_table: Future[pa.Table | None] | None,
     location: str,
     writer: ThreadPoolExecutor,
 ) -> pa.Table:
@@ -92,8 +93,8 @@ def _verdicts(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    todo = listing.filter(pc.is_null(listing["reason"])).drop_columns(["reason"])
-    cached = cache.read(location) if cache is not None else None
+    todo = filtered(listing, pc.is_null(listing["reason"])).drop_columns(["reason"])
+    cached = cached_table.result() if cached_table is not None else None  # read() never raises
     hits, misses = cached_verdicts(todo, cached) if cached is not None else (None, todo)
     settings = CheckSettings(cfg, resize_size)
     workers = max(1, min(cpu_budget().cpus, 32))
@@ -130,6 +131,26 @@ def _verdicts(
     return pa.concat_tables([hits.select(misses.column_names).cast(misses.schema), misses])
 
 
+def _classes(source_uri: str, listing: pa.Table, declared: list[str] | None) -> list[str]:
+    """The class names (the layout's, else the manifest's labels); at least two, or a DataError."""
+    import pyarrow.compute as pc
+
+    classes = declared if declared is not None else sorted(pc.unique(listing["label"]).to_pylist())
+    if not classes:
+        raise DataError(
+            f"no images found under {source_uri}"
+            if is_s3(source_uri)
+            else f"manifest {source_uri} has no rows",
+            hint="expected s3://bucket/prefix/<class name>/<image files>, or a manifest with uri,label rows",
+        )
+    if len(classes) < 2:
+        raise DataError(
+            f"{source_uri} has only one class ({', '.join(map(repr, classes))}); a classifier needs at least two",
+            hint="add a folder (or manifest label) per class, each with ingest.min_images_per_class images",
+        )
+    return classes
+
+
 def ingest(
     source_uri: str, cfg: IngestConfig, resize_size: int | None = None, verdicts: VerdictCache | None = None
 ) -> Snapshot:
@@ -142,31 +163,20 @@ def ingest(
     """
     import pyarrow.compute as pc
 
-    listing, declared = list_source(source_uri, cfg)
-    declared_classes = declared if declared is not None else sorted(pc.unique(listing["label"]).to_pylist())
-    if not declared_classes:
-        raise DataError(
-            f"no images found under {source_uri}"
-            if is_s3(source_uri)
-            else f"manifest {source_uri} has no rows",
-            hint="expected s3://bucket/prefix/<class name>/<image files>, or a manifest with uri,label rows",
-        )
-    if len(declared_classes) < 2:
-        raise DataError(
-            f"{source_uri} has only one class ({', '.join(map(repr, declared_classes))}); "
-            "a classifier needs at least two",
-            hint="add a folder (or manifest label) per class, each with ingest.min_images_per_class images",
-        )
-    log.info(
-        "ingest: %d candidate files in %d classes from %s",
-        listing.num_rows,
-        len(declared_classes),
-        source_uri,
-    )
     location = verdicts.location(source_uri, cfg, resize_size) if verdicts is not None else ""
-    with ThreadPoolExecutor(1, thread_name_prefix="verdict-cache") as writer:  # waits for the write
-        checked = _verdicts(listing, cfg, resize_size, verdicts, location, writer)
-        refused = listing.filter(pc.is_valid(listing["reason"])).select(["uri", "reason"])
+    # one thread for the verdict cache: read while the source is listed, written while assembling
+    with ThreadPoolExecutor(1, thread_name_prefix="verdict-cache") as cache_io:
+        cached = cache_io.submit(verdicts.read, location) if verdicts is not None else None
+        listing, declared = list_source(source_uri, cfg)
+        declared_classes = _classes(source_uri, listing, declared)
+        log.info(
+            "ingest: %d candidate files in %d classes from %s",
+            listing.num_rows,
+            len(declared_classes),
+            source_uri,
+        )
+        checked = _verdicts(listing, cfg, resize_size, verdicts, cached, location, cache_io)
+        refused = filtered(listing, pc.is_valid(listing["reason"])).select(["uri", "reason"])
         parts = assemble(checked, refused, cfg)
 
     per_class = parts.class_counts_total()

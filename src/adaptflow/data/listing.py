@@ -2,9 +2,9 @@
 
 A listed file is its URI, label, *stamp* (the version key of the verdict cache), ETag, the sha256 a
 manifest names, and the reason it is refused (``data/checks.py``), if it is. At a million files the
-listing is what a rerun mostly costs, so a local file costs one ``lstat`` (in worker processes on a
-local disk, in I/O threads where a stat waits on a network file system) and everything else is
-an Arrow kernel over the batch: a CSV or JSONL manifest is read by pyarrow, paths are joined and
+listing is what a rerun mostly costs, so a local file costs one ``lstat``, or a share of one listing
+of its folder where a manifest names its sha256 (``data/presence.py``), and everything else is an
+Arrow kernel over the batch: a CSV or JSONL manifest is read by pyarrow, paths are joined and
 split as columns and each folder is resolved once. Only rows that are not plain files inside a root
 (a symlink, a missing file, a URL, a name that is not UTF-8) go one by one through the checks that
 name the reason.
@@ -13,13 +13,9 @@ name the reason.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
-import stat
-import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from operator import attrgetter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -29,6 +25,8 @@ from adaptflow.config import IngestConfig
 from adaptflow.cpus import cpu_budget
 from adaptflow.data.checks import LocalConfinement, allowed_roots, is_utf8, manifest_target, printable
 from adaptflow.data.manifests import manifest_batches
+from adaptflow.data.presence import Presence, StatProcesses, pick
+from adaptflow.data.snapshot_store import filtered
 from adaptflow.errors import DataError
 from adaptflow.storage import is_s3, iter_s3_objects, local_path
 
@@ -40,12 +38,6 @@ MANIFEST_SUFFIXES = (".csv", ".jsonl")
 Listed = tuple[str, str, str | None, str | None, str | None, str | None]
 LISTING_COLUMNS = ("uri", "label", "stamp", "etag", "expected", "reason")
 BATCH_ROWS = 64 * 1024
-#: paths per chunk of stats, and the stat time above which chunks go to I/O threads
-STAT_CHUNK = 2048
-SLOW_STAT_S = 50e-6
-#: fewer chunks than this are stat'ed in this process: starting workers costs more than they save
-PROCESS_MIN_CHUNKS = 8
-FILE_TYPE_BITS = 0o170000  # what stat.S_IFMT masks
 
 
 def listing_schema() -> pa.Schema:
@@ -78,38 +70,6 @@ def _has_extension(name: str, extensions: tuple[str, ...]) -> bool:
     return name.lower().endswith(tuple(e.lower() for e in extensions))
 
 
-Stats = tuple[np.ndarray, np.ndarray, np.ndarray]  # sizes, mtimes in ns, rows to check one by one
-
-
-def _stat_chunk(paths: list[str]) -> Stats:
-    """A plain file costs one lstat; the loop runs in C (map) unless a path needs a closer look."""
-    try:
-        if not all(map(str.isascii, paths)):
-            raise ValueError("a name that is not ASCII")  # UTF-8, or surrogates from another system
-        infos = list(map(os.lstat, paths))
-    except (OSError, ValueError):  # a missing file, a NUL byte
-        return _stat_each(paths)
-    count = len(infos)
-    modes = np.fromiter(map(attrgetter("st_mode"), infos), np.int64, count)
-    sizes = np.fromiter(map(attrgetter("st_size"), infos), np.int64, count)
-    mtimes = np.fromiter(map(attrgetter("st_mtime_ns"), infos), np.int64, count)
-    return sizes, mtimes, (modes & FILE_TYPE_BITS) != stat.S_IFREG  # a symlink, a FIFO, a folder
-
-
-def _stat_each(paths: list[str]) -> Stats:
-    sizes, mtimes = np.zeros(len(paths), np.int64), np.zeros(len(paths), np.int64)
-    slow = np.ones(len(paths), bool)
-    for i, path in enumerate(paths):
-        try:
-            path.encode("utf-8")  # a name from another system (surrogates) is refused one by one
-            info = os.lstat(path)
-        except (OSError, ValueError):  # UnicodeEncodeError is a ValueError
-            continue
-        if stat.S_ISREG(info.st_mode):
-            sizes[i], mtimes[i], slow[i] = info.st_size, info.st_mtime_ns, False
-    return sizes, mtimes, slow
-
-
 def _folder_and_name(paths: pa.Array) -> tuple[pa.Array, pa.Array]:
     """Each path split at its last slash, as ``os.path.split`` does, but the folder keeps a trailing
     slash (so that ``/x`` is in ``/``) and is empty for a bare name (which is in the working folder)."""
@@ -125,29 +85,6 @@ def _folder_and_name(paths: pa.Array) -> tuple[pa.Array, pa.Array]:
     return pc.if_else(in_folder, heads, pa.scalar("")), names
 
 
-class StatProcesses:
-    """Worker processes for fast local stats, started on first use. A local ``lstat`` is CPU (a
-    syscall, microseconds: 5 µs on a small VM) and holds the GIL for the Python around it, so at a
-    million files a rerun's listing scales with processes, not threads."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._pool: ProcessPoolExecutor | None = None
-
-    def map(self, spans: list[list[str]]) -> Iterator[Stats]:
-        if self.workers <= 1:
-            return map(_stat_chunk, spans)
-        if self._pool is None:
-            # fork, as the checks do: the workers need nothing but os and numpy, at once
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
-        return self._pool.map(_stat_chunk, spans)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
-
-
 class LocalFiles:
     """Local paths -> listed rows, a batch at a time (see the module's docstring)."""
 
@@ -159,63 +96,56 @@ class LocalFiles:
         processes: StatProcesses | None = None,
     ) -> None:
         self.confinement = confinement
-        self.pool = pool
-        self.processes = processes
-        self.threaded: bool | None = None  # decided on the first paths
+        self.presence = Presence(pool, processes)
         self.refused_prefix = refused_prefix  # row number -> what a manifest's refusals start with
 
-    def _stats(self, paths: list[str]) -> Stats:
-        spans = [paths[i : i + STAT_CHUNK] for i in range(0, len(paths), STAT_CHUNK)]
-        parts: list[Stats] = []
-        if self.threaded is None and spans:
-            # threads pay where a stat waits on storage (a network file system); on a local disk a
-            # stat is microseconds of CPU, and threads only contend for the GIL
-            began = time.perf_counter()
-            parts.append(_stat_chunk(spans[0]))
-            self.threaded = (time.perf_counter() - began) / len(spans[0]) > SLOW_STAT_S
-            spans = spans[1:]
-        if self.threaded and self.pool is not None and len(spans) > 1:
-            parts += self.pool.map(_stat_chunk, spans)
-        elif self.processes is not None and len(spans) >= PROCESS_MIN_CHUNKS:
-            parts += self.processes.map(spans)
-        else:
-            parts += map(_stat_chunk, spans)
-        if not parts:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
-        return tuple(np.concatenate([part[k] for part in parts]) for k in range(3))  # type: ignore[return-value]
-
     def table(
-        self, paths: list[str], labels: pa.Array, expected: pa.Array | None, numbers: np.ndarray | None
+        self,
+        paths: list[str] | pa.Array,
+        labels: pa.Array,
+        expected: pa.Array | None,
+        numbers: np.ndarray | None,
     ) -> pa.Table:
-        """``numbers``: each path's manifest row number, for the refusal reasons."""
+        """``paths``: a folder's walk (Python strings, any name) or a manifest's (Arrow, UTF-8);
+        ``numbers``: each path's manifest row number, for the refusal reasons."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        sizes, mtimes, slow = self._stats(paths)
-        named = [p if p.isascii() or is_utf8(p) else "" for p in paths] if slow.any() else paths
-        folders, names = _folder_and_name(pa.array(named, pa.string()))
+        if not isinstance(paths, list):
+            path_array = paths
+        else:
+            try:
+                path_array = pa.array(paths, pa.string())
+            except (UnicodeEncodeError, pa.ArrowException):  # a name from another system: refused below
+                path_array = pa.array([p if p.isascii() or is_utf8(p) else "" for p in paths], pa.string())
+        folders, names = _folder_and_name(path_array)
         folders = folders.dictionary_encode()
         bases = [self.confinement.folder_base(folder) for folder in folders.dictionary.to_pylist()]
         inside = pc.take(pa.array([b is not None for b in bases]), folders.indices)
         plain_name = pc.invert(pc.is_in(names, value_set=pa.array(["", ".", ".."])))
-        fast = pc.fill_null(pc.and_(inside, plain_name), False).to_numpy(zero_copy_only=False) & ~slow
         uri = pc.binary_join_element_wise(pc.take(pa.array(bases, pa.string()), folders.indices), names, "")
-        stamp = pc.binary_join_element_wise(pc.cast(sizes, pa.string()), pc.cast(mtimes, pa.string()), ":")
         if expected is None:
             expected = pa.nulls(len(paths), pa.string())
-        else:
-            with_sha = pc.binary_join_element_wise(stamp, expected, "|sha256:")
-            stamp = pc.if_else(pc.is_valid(expected), with_sha, stamp)
+        by_sha = pc.is_valid(expected).to_numpy(zero_copy_only=False)
+        sizes, mtimes, slow = self.presence.of(paths, uri, folders, bases, by_sha)
+        fast = pc.fill_null(pc.and_(inside, plain_name), False).to_numpy(zero_copy_only=False) & ~slow
+        # a manifest's sha256 is the version key where it names one: no size or mtime needed
+        stamp = pc.if_else(
+            pa.array(by_sha),
+            pc.binary_join_element_wise(pa.scalar("sha256:"), expected, ""),
+            pc.binary_join_element_wise(pc.cast(sizes, pa.string()), pc.cast(mtimes, pa.string()), ":"),
+        )
         nulls = pa.nulls(len(paths), pa.string())
         columns = [uri, labels, stamp, nulls, expected, nulls]
-        listed = pa.table(columns, schema=listing_schema()).filter(pa.array(fast))
+        listed = filtered(pa.table(columns, schema=listing_schema()), pa.array(fast))
         others = np.flatnonzero(~fast)
         if not len(others):
             return listed
         label_list, expected_list = labels.take(others).to_pylist(), expected.take(others).to_pylist()
         rows = []
-        for i, label, sha in zip(others.tolist(), label_list, expected_list, strict=True):
-            row = self.row(paths[i], label, sha)
+        path_list = pick(paths, others)
+        for i, path, label, sha in zip(others.tolist(), path_list, label_list, expected_list, strict=True):
+            row = self.row(path, label, sha)
             if row[5] is not None and numbers is not None and self.refused_prefix is not None:
                 row = (*row[:5], self.refused_prefix(int(numbers[i])) + row[5])
             rows.append(row)
@@ -226,7 +156,7 @@ class LocalFiles:
         target, info, reason = self.confinement.check(path)
         if target is None or info is None:
             return printable(Path(path)), label, None, None, None, reason
-        stamp = f"{info.st_size}:{info.st_mtime_ns}" + (f"|sha256:{expected.lower()}" if expected else "")
+        stamp = f"sha256:{expected.lower()}" if expected else f"{info.st_size}:{info.st_mtime_ns}"
         return target, label, stamp, None, expected, None
 
 
@@ -331,7 +261,7 @@ def _list_manifest(
         if len(local):
             plain = raw.take(local) if len(urls) else raw
             joined = pc.binary_join_element_wise(pa.scalar(folder), plain, "")
-            full = pc.if_else(pc.starts_with(plain, "/"), plain, joined).to_pylist()
+            full = pc.if_else(pc.starts_with(plain, "/"), plain, joined)
             numbers = local + first
             parts.append((local, files.table(full, label.take(local), sha.take(local), numbers)))
         if len(urls):

@@ -87,6 +87,6 @@ def manifest_batches(path: Path, rows_per_batch: int) -> Iterator[tuple[pa.Array
     for part in table.to_batches(max_chunksize=rows_per_batch):
         uri, other, label, sha = (pc.fill_null(part[name], "") for name in MANIFEST_COLUMNS)
         raw = pc.utf8_trim_whitespace(pc.if_else(pc.equal(pc.utf8_length(uri), 0), other, uri))
-        sha = pc.utf8_lower(pc.utf8_trim_whitespace(sha))
+        sha = pc.ascii_lower(pc.utf8_trim_whitespace(sha))  # hex digits: ASCII, or a mismatch anyway
         sha = pc.if_else(pc.equal(pc.utf8_length(sha), 0), pa.scalar(None, pa.string()), sha)
         yield raw, pc.utf8_trim_whitespace(label), sha

@@ -183,6 +183,17 @@ def value_ranks(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return rank[codes.indices.to_numpy(zero_copy_only=False)]
 
 
+def filtered(table: pa.Table, mask: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """``table.filter(mask)`` (null is false), without copying a column where the mask keeps every
+    row or none: at a million rows a filter copies every string, and most of ingest's keep all."""
+    import pyarrow.compute as pc
+
+    kept = pc.sum(pc.fill_null(mask, False)).as_py() or 0
+    if kept == table.num_rows:
+        return table
+    return table.slice(0, 0) if kept == 0 else table.filter(mask, null_selection_behavior="drop")
+
+
 def _write_parquet(table: pa.Table, folder: Path, stem: str) -> str:
     """Writes ``table`` as ``<stem>-<hash of its bytes>.parquet`` in ``folder``; returns the name."""
     import pyarrow.parquet as pq

@@ -3,7 +3,9 @@
 A verdict is what checking one file found: ok (sha256, width, height and its split bucket) or
 quarantined with a reason. It is keyed by the file's URI and a *stamp*, a version key the listing
 gives for free: ``size:mtime_ns`` for a local file, ``etag:...`` for an S3 object, and
-``sha256:...`` where a manifest row names its content (the check then confirms that sha256). A row
+``sha256:...`` where a manifest row names its content (the check then confirms that sha256, and a
+mismatch is never cached; reads at training check it again, so a local file named by its sha256
+needs no stat: ``data/presence.py``). A row
 without a stamp (an http URL, an S3 key named by a manifest without a sha256) is checked every run.
 
 The cache is one Parquet file per source and per check setting, under ``<workdir>/cache/ingest-verdicts``
@@ -161,7 +163,9 @@ def check_file(
         return None, None, None, None, f"{name}: unreadable: {data.message}", False
     sha = sha256_bytes(data)
     if expected_sha256 is not None and sha != expected_sha256.lower():
-        return sha, None, None, None, f"{name}: sha256 {sha[:12]}… differs from the manifest's", True
+        # not cached: the stamp is the manifest's sha256, and these bytes are not that content (a
+        # file restored to it must pass on the next run)
+        return sha, None, None, None, f"{name}: sha256 {sha[:12]}… differs from the manifest's", False
     resize, resized_limit = resize_limit(cfg.max_image_pixels, settings.resize_size)
     try:
         image = decode_image(
@@ -244,14 +248,44 @@ def cached_verdicts(todo: pa.Table, cached: pa.Table) -> tuple[pa.Table, pa.Tabl
     a URI is cached twice (a manifest naming one file with two sha256s) the first row counts; the
     other row misses and is checked again: a wasted check, never a wrong verdict.
     """
+    import pyarrow as pa
+
+    head = _leading_hits(todo, cached)  # zero-copy slices: no take or filter of a million rows
+    hits = todo.slice(0, head)
+    for name in VERDICT_COLUMNS:
+        hits = hits.append_column(name, cached[name].slice(0, head))
+    if head == todo.num_rows:
+        return hits, todo.slice(head)
+    more, misses = _looked_up(todo.slice(head), cached.slice(head))
+    return pa.concat_tables([hits, more]) if head else more, misses
+
+
+VERDICT_COLUMNS = ("sha256", "width", "height", "bucket", "reason")
+
+
+def _aligned(todo: pa.Table, cached: pa.Table, column: str) -> int:
+    """How many leading rows of ``todo`` and ``cached`` agree on ``column``."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    both = min(todo.num_rows, cached.num_rows)
+    same = pc.equal(todo[column].slice(0, both), cached[column].slice(0, both))
+    same_at = np.asarray(pc.fill_null(same, False).to_numpy(zero_copy_only=False), bool)
+    return both if same_at.all() else int(np.argmin(same_at))
+
+
+def _leading_hits(todo: pa.Table, cached: pa.Table) -> int:
+    aligned = _aligned(todo, cached, "uri")
+    return _aligned(todo.slice(0, aligned), cached.slice(0, aligned), "stamp")
+
+
+def _looked_up(todo: pa.Table, cached: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """``cached_verdicts`` by position where the URIs agree, else by a hash lookup."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    both = min(todo.num_rows, cached.num_rows)
-    same = pc.equal(todo["uri"].slice(0, both), cached["uri"].slice(0, both))
-    same_at = np.asarray(pc.fill_null(same, False).to_numpy(zero_copy_only=False), bool)
-    aligned = both if same_at.all() else int(np.argmin(same_at))
+    aligned = _aligned(todo, cached, "uri")
     rest = pc.index_in(todo["uri"].slice(aligned), value_set=cached["uri"].slice(aligned).combine_chunks())
     rest = rest.combine_chunks() if isinstance(rest, pa.ChunkedArray) else rest
     shifted = pc.cast(pc.add(rest, aligned), pa.int64())  # a position in the whole cache
@@ -259,6 +293,6 @@ def cached_verdicts(todo: pa.Table, cached: pa.Table) -> tuple[pa.Table, pa.Tabl
     hit = pc.fill_null(pc.equal(todo["stamp"], cached["stamp"].take(where)), False)
     hits = todo.filter(hit)
     found = cached.take(where.filter(hit))
-    for name in ("sha256", "width", "height", "bucket", "reason"):
+    for name in VERDICT_COLUMNS:
         hits = hits.append_column(name, found[name])
     return hits, todo.filter(pc.invert(hit))
