@@ -25,6 +25,8 @@ NOISY = (
 )
 #: the logger whose INFO lines a person running adaptflow sees by default
 CONSOLE = "adaptflow.console"
+#: the logger of progress lines off a terminal (``adaptflow.progress``)
+PROGRESS = "adaptflow.progress"
 TIME_FORMAT = "%H:%M:%S"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -46,20 +48,21 @@ class _ConsoleFilter(logging.Filter):
             self.verbose
             or record.levelno >= logging.WARNING
             or record.name == CONSOLE
-            or record.name == "adaptflow.progress"
+            or record.name == PROGRESS
         )
 
 
 class _Formatter(logging.Formatter):
-    """``HH:MM:SS LEVEL logger: message``; with ``plain_console``, console lines as ``HH:MM:SS message``.
-    (A stage process keeps the full form: the runner recognises its console lines by it.)"""
+    """``HH:MM:SS LEVEL logger: message``; with ``plain_console``, console and progress lines as
+    ``HH:MM:SS message``, like the rest of what a person sees. (A stage process keeps the full form:
+    the runner recognises its console lines by it.)"""
 
     def __init__(self, plain_console: bool = False) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", TIME_FORMAT)
         self._plain = logging.Formatter("%(asctime)s %(message)s", TIME_FORMAT) if plain_console else None
 
     def format(self, record: logging.LogRecord) -> str:
-        if self._plain is not None and record.name == CONSOLE:
+        if self._plain is not None and record.name in (CONSOLE, PROGRESS):
             return self._plain.format(record)
         return super().format(record)
 

@@ -88,8 +88,13 @@ def test_quiet_logging_passes_console_lines_and_warnings_only(capsys: pytest.Cap
         setup_logging("INFO", verbose=False)
         logging.getLogger("adaptflow.training").info("detail")
         logging.getLogger("adaptflow.console").info("a stage result")
+        logging.getLogger("adaptflow.progress").info("pretrain epoch 1/8: 384/594 images, 37 img/s")
         logging.getLogger("adaptflow.training").warning("careful")
         lines = capsys.readouterr().err.splitlines()
-        assert [line[9:] for line in lines] == ["a stage result", "WARNING adaptflow.training: careful"]
+        assert [line[9:] for line in lines] == [
+            "a stage result",
+            "pretrain epoch 1/8: 384/594 images, 37 img/s",  # the same form as the lines around it
+            "WARNING adaptflow.training: careful",
+        ]
     finally:
         root.handlers, root.level = saved[0], saved[1]
