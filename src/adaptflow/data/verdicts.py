@@ -250,13 +250,15 @@ def cached_verdicts(todo: pa.Table, cached: pa.Table) -> tuple[pa.Table, pa.Tabl
     """
     import pyarrow as pa
 
-    head = _leading_hits(todo, cached)  # zero-copy slices: no take or filter of a million rows
+    aligned = _aligned(todo, cached, "uri")
+    # the leading rows that hit are zero-copy slices: no take or filter of a million rows
+    head = _aligned(todo.slice(0, aligned), cached.slice(0, aligned), "stamp")
     hits = todo.slice(0, head)
     for name in VERDICT_COLUMNS:
         hits = hits.append_column(name, cached[name].slice(0, head))
     if head == todo.num_rows:
         return hits, todo.slice(head)
-    more, misses = _looked_up(todo.slice(head), cached.slice(head))
+    more, misses = _looked_up(todo.slice(head), cached.slice(head), aligned - head)
     return pa.concat_tables([hits, more]) if head else more, misses
 
 
@@ -274,18 +276,13 @@ def _aligned(todo: pa.Table, cached: pa.Table, column: str) -> int:
     return both if same_at.all() else int(np.argmin(same_at))
 
 
-def _leading_hits(todo: pa.Table, cached: pa.Table) -> int:
-    aligned = _aligned(todo, cached, "uri")
-    return _aligned(todo.slice(0, aligned), cached.slice(0, aligned), "stamp")
-
-
-def _looked_up(todo: pa.Table, cached: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """``cached_verdicts`` by position where the URIs agree, else by a hash lookup."""
+def _looked_up(todo: pa.Table, cached: pa.Table, aligned: int) -> tuple[pa.Table, pa.Table]:
+    """``cached_verdicts`` by position over the ``aligned`` leading rows (their URIs agree), else by
+    a hash lookup."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    aligned = _aligned(todo, cached, "uri")
     rest = pc.index_in(todo["uri"].slice(aligned), value_set=cached["uri"].slice(aligned).combine_chunks())
     rest = rest.combine_chunks() if isinstance(rest, pa.ChunkedArray) else rest
     shifted = pc.cast(pc.add(rest, aligned), pa.int64())  # a position in the whole cache
